@@ -1,0 +1,13 @@
+"""convkernels: fused CNN kernels for PyTorch (Triton, CUDA C++, CPU C++).
+
+>>> import convkernels
+>>> y = convkernels.ops.bn_act(x, running_mean, running_var, weight, bias, training=True)
+>>> block = convkernels.nn.BatchNormAct2d(64, act="relu")
+"""
+from . import _extension  # noqa: F401  (loads convkernels._C when built)
+from . import nn, ops
+from .backend import get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["get_backend", "nn", "ops", "set_backend", "use_backend", "__version__"]

@@ -1,0 +1,120 @@
+"""Backend choice: which implementation runs the fused ops.
+
+* ``reference``: composites of aten ops, the semantic definition of each op.
+* ``cpu``: C++ kernels of convkernels._C (CPU tensors).
+* ``cuda``: CUDA C++ kernels of convkernels._C (CUDA tensors).
+* ``triton``: Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+* ``auto`` (default): the fastest available for the tensor's device.
+
+Set it with :func:`set_backend`, the :func:`use_backend` context manager, or the
+environment variable ``CONVKERNELS_BACKEND``. Under ``torch.compile`` the choice
+between ``reference`` and the native kernels is made when the graph is traced.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+
+from ._extension import HAS_C, has_cuda_kernels
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+_state = threading.local()
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"convkernels: unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+_default = _check_name(os.environ.get("CONVKERNELS_BACKEND", "auto"))
+
+
+def get_backend() -> str:
+    """The backend requested for this thread (may be ``"auto"``)."""
+    return getattr(_state, "name", _default)
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for this thread."""
+    _state.name = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: run the enclosed ops on backend ``name``."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state.name = previous
+
+
+def triton_available(device_type: str) -> bool:
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return _triton_importable()
+
+
+@functools.lru_cache(None)
+def _triton_importable() -> bool:
+    try:
+        from . import triton_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available(name: str, device_type: str) -> bool:
+    """Whether backend ``name`` can run tensors on ``device_type``."""
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return HAS_C and device_type == "cpu"
+    if name == "cuda":
+        return device_type == "cuda" and has_cuda_kernels()
+    if name == "triton":
+        return triton_available(device_type)
+    return False
+
+
+def resolve(device: torch.device) -> str:
+    """The concrete backend that runs tensors on ``device``."""
+    name = get_backend()
+    kind = device.type
+    if name == "auto":
+        if kind == "cpu":
+            return "cpu" if available("cpu", kind) else "reference"
+        for candidate in ("cuda", "triton"):
+            if available(candidate, kind):
+                return candidate
+        return "reference"
+    if not available(name, kind):
+        hint = {
+            "cpu": "it needs convkernels._C and CPU tensors",
+            "cuda": "it needs convkernels._C built with CUDA and CUDA tensors",
+            "triton": "it needs triton and CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)",
+        }[name]
+        raise RuntimeError(
+            f"convkernels: backend {name!r} cannot run {kind} tensors here: {hint}"
+        )
+    return name
+
+
+def kernels(name: str):
+    """The primitives (see convkernels.ops.primitives) of native backend ``name``."""
+    if name in ("cpu", "cuda"):
+        from .ops.primitives import CompiledKernels
+
+        return CompiledKernels()
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels
+    raise ValueError(f"convkernels: backend {name!r} has no kernel primitives")

@@ -1,0 +1,55 @@
+"""Command line: ``python -m convkernels info``."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def info() -> str:
+    import torch
+
+    import convkernels
+    from convkernels import backend
+    from convkernels._extension import HAS_C, _IMPORT_ERROR, has_cuda_kernels
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else (
+        platform.processor() or platform.machine())
+    compiled = []
+    if HAS_C:
+        compiled.append("cpu")
+        if has_cuda_kernels():
+            compiled.append("cuda")
+    usable = [n for n in backend.BACKENDS[1:] if backend.available(n, device.type)]
+    lines = [
+        f"convkernels {convkernels.__version__}",
+        f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"triton      {triton_version}",
+        f"python      {platform.python_version()}",
+        "compiled    " + (", ".join(compiled) if compiled else f"none (_C not loaded: {_IMPORT_ERROR})"),
+        f"device      {device.type}: {device_name}",
+        f"backends    {', '.join(usable)} usable on {device.type}",
+        f"active      {backend.get_backend()} -> {backend.resolve(device)} on {device.type}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="convkernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, compiled backends, device, active backend")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

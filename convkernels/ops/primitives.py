@@ -1,0 +1,76 @@
+"""The kernel primitives every native backend implements.
+
+The public ops (bn_act, add_act, ...) are written once, in Python, on top of
+these primitives: per-channel arithmetic on C-sized vectors (folding BN into a
+scale and shift, the backward coefficients, running-stat updates) is shared by
+all backends, and each backend only supplies the passes over the big tensors.
+
+Backends: ``convkernels._C`` (C++ for CPU tensors and CUDA C++ for CUDA tensors,
+registered as ``torch.ops.convkernels_C.*``) and ``convkernels.triton_kernels``
+(Triton; CPU tensors only under ``TRITON_INTERPRET=1``). Both expose functions
+with exactly these names and signatures.
+
+Contract, shared by all primitives:
+
+* ``x``, ``grad_y`` and ``residual`` are 4-D ``[N, C, H, W]`` tensors of one
+  floating dtype (fp32, fp16, bf16; fp64 on CPU) and one device, all dense in
+  the same memory format: NCHW-contiguous or channels_last-contiguous (the
+  caller makes them so). Outputs are ``torch.empty_like(x)``: same format.
+* Per-channel vectors (``scale``, ``shift``, ``center``, ``k1``..``k3``, the
+  returned statistics) are contiguous ``[C]`` tensors of the accumulation dtype:
+  float64 when x is float64, else float32. ``scale`` of add_act is ``[N]`` of the
+  same accumulation dtype. All arithmetic is done in the accumulation dtype.
+* ``act`` is one of ``"relu"``, ``"identity"``, ``"silu"``, ``"sigmoid"``.
+  Backward primitives recompute the pre-activation ``z`` from their inputs;
+  nothing but the inputs is ever stored.
+
+channel_stats(x) -> (mean, var)
+    Per-channel mean and *biased* variance over N, H, W.
+
+bn_act_apply(x, scale, shift, residual, act) -> y
+    ``y = act(x * scale[c] + shift[c] (+ residual))``, in x's dtype.
+
+bn_act_backward_reduce(grad_y, x, scale, shift, residual, act, center) -> (sum_gz, sum_gz_xc)
+    With ``z = x * scale[c] + shift[c] (+ residual)`` and
+    ``gz = grad_y * act'(z)``: per-channel ``sum(gz)`` and
+    ``sum(gz * (x - center[c]))`` over N, H, W.
+
+bn_act_backward_apply(grad_y, x, scale, shift, residual, act, k1, k2, k3,
+                      need_grad_x, need_grad_residual) -> (grad_x, grad_residual)
+    ``grad_x = k1[c] * gz + k2[c] * x + k3[c]`` and ``grad_residual = gz``, in
+    x's dtype, in one pass; an output not asked for is returned as None.
+
+add_act_forward(x, residual, scale, act) -> y
+    ``y = act(residual + scale[n] * x)`` (``scale`` None means 1).
+
+add_act_backward(grad_y, x, residual, scale, act, need_grad_x, need_grad_residual)
+    -> (grad_x, grad_residual)
+    With ``gz = grad_y * act'(residual + scale[n] * x)``:
+    ``grad_x = scale[n] * gz`` and ``grad_residual = gz``; None if not asked for.
+"""
+from __future__ import annotations
+
+import torch
+
+NAMES = (
+    "channel_stats",
+    "bn_act_apply",
+    "bn_act_backward_reduce",
+    "bn_act_backward_apply",
+    "add_act_forward",
+    "add_act_backward",
+)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the per-channel vectors for a tensor of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class CompiledKernels:
+    """The primitives of ``convkernels._C`` (one object, CPU and CUDA alike)."""
+
+    def __getattr__(self, name):
+        if name not in NAMES:
+            raise AttributeError(name)
+        return getattr(torch.ops.convkernels_C, name)

@@ -1,0 +1,34 @@
+// Schemas of the compiled kernels (namespace convkernels_C).
+//
+// These are the per-backend primitives behind the public torch.ops.convkernels.*
+// ops; the public ops, their autograd and their fake impls are registered in
+// Python (convkernels/ops/), so that `import convkernels` works without this
+// extension. The contract of each primitive is documented in
+// convkernels/ops/primitives.py; CPU impls live in cpu/, CUDA impls in cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import convkernels._C` loads this library, whose static initializers
+// register the ops below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(convkernels_C, m) {
+  m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("bn_act_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, str act) -> Tensor");
+  m.def(
+      "bn_act_backward_reduce(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor? residual, "
+      "str act, Tensor center) -> (Tensor sum_gz, Tensor sum_gz_xc)");
+  m.def(
+      "bn_act_backward_apply(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor? residual, "
+      "str act, Tensor k1, Tensor k2, Tensor k3, bool need_grad_x, bool need_grad_residual) "
+      "-> (Tensor grad_x, Tensor grad_residual)");
+  m.def("add_act_forward(Tensor x, Tensor residual, Tensor? scale, str act) -> Tensor");
+  m.def(
+      "add_act_backward(Tensor grad_y, Tensor x, Tensor residual, Tensor? scale, str act, "
+      "bool need_grad_x, bool need_grad_residual) -> (Tensor grad_x, Tensor grad_residual)");
+}
