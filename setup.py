@@ -109,6 +109,8 @@ setup(
     python_requires=">=3.10",
     packages=["convkernels", "convkernels.ops", "convkernels.nn",
               "convkernels.triton_kernels"],
+    # Wheels take the Triton kernels from the top-level triton_kernels/; the
+    # symlink convkernels/triton_kernels serves in-tree and editable imports.
     package_dir={"convkernels.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.6"],
     extras_require={"triton": ["triton"], "test": ["pytest", "torchvision"]},

@@ -1,0 +1,45 @@
+# convkernels: `make test` and `make bench` do all set-up on a fresh clone.
+#
+#   make test    venv + torch + build (CPU and, with nvcc, CUDA) + pytest
+#   make bench   the benchmarks on this machine's default device
+#   make gpu     on a GPU machine with torch installed: build, GPU tests and GPU
+#                benchmarks, results under $(OUT)
+
+VENV      ?= .venv
+PYTHON    ?= $(VENV)/bin/python
+TORCH     ?= torch==2.14.1 torchvision==0.29.1
+OUT       ?= benchmarks/results
+export MAX_JOBS ?= 2
+# torch's cpp_extension finds the toolkit through CUDA_HOME.
+export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+
+.PHONY: test bench gpu build clean
+
+$(VENV)/.deps:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade --quiet pip
+	$(VENV)/bin/pip install --quiet $(TORCH) pytest ninja numpy matplotlib setuptools wheel
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
+	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PYTHON) -m convkernels info
+	$(PYTHON) -m pytest tests -q
+
+bench: build
+	$(PYTHON) -m benchmarks.run_all --out $(OUT)
+
+# The lent GPU machine has torch but no package registry and no venv.
+gpu:
+	python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
+	python3 -m convkernels info | tee $(OUT)/info.txt
+	python3 -m pytest tests -q -x 2>&1 | tee $(OUT)/gpu-tests.txt | tail -30
+	python3 -m benchmarks.run_all --full --out $(OUT)
+
+clean:
+	rm -rf build *.egg-info convkernels/_C*.so $(VENV)/.built
