@@ -5,6 +5,9 @@ Each op is computed by the backend chosen in :mod:`convkernels.backend`;
 """
 from . import reference
 from .add_act import add_act
+from .batch_stats import batch_stats
 from .bn_act import bn_act
+from .bn_act_conv import bn_act_conv
+from .conv_bn_act import conv_bn_act
 
-__all__ = ["add_act", "bn_act", "reference"]
+__all__ = ["add_act", "batch_stats", "bn_act", "bn_act_conv", "conv_bn_act", "reference"]

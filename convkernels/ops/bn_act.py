@@ -27,19 +27,11 @@ from torch import Tensor
 from .. import backend
 from . import reference
 from ._checks import check_act, check_bn_args, check_like
+from ._fold import bn_scale_shift
 from ._library import LIB, dense, memory_format
 from .primitives import acc_dtype
 
 OP = "bn_act"
-
-
-def _fold(weight, bias, mean, invstd):
-    """BN as ``x * scale + shift`` per channel."""
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(invstd.dtype)
-    return scale, shift
 
 
 # --------------------------------------------------------------------- forward
@@ -59,7 +51,7 @@ def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     else:
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
-    scale, shift = _fold(weight, bias, mean, torch.rsqrt(var + eps))
+    scale, shift = bn_scale_shift(weight, bias, mean, torch.rsqrt(var + eps))
     y = k.bn_act_apply(x, scale, shift, residual, act)
     return y, mean, var
 
@@ -72,23 +64,32 @@ def _(x, weight, bias, residual, running_mean, running_var, training, eps, act):
 
 
 # -------------------------------------------------------------------- backward
-@torch.library.custom_op("convkernels::bn_act_backward", mutates_args=())
-def bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                    residual: Optional[Tensor], mean: Tensor, var: Tensor, training: bool,
-                    eps: float, act: str, output_mask: list[bool]) -> list[Tensor]:
-    """Gradients of (x, weight, bias, residual), only those set in output_mask,
-    in that order."""
-    need_x, need_w, need_b, need_r = output_mask
-    k = backend.kernels(backend.resolve(x.device))
+def bn_act_grads(k, grad_y, x, weight, bias, residual, mean, var, eps, act, *, batch_stats,
+                 need_x, need_w, need_b, need_r, need_stats=False):
+    """Gradients of ``y = act((x - mean) * invstd * weight + bias (+ residual))``
+    with the primitives of backend ``k``: one reduction pass, one apply pass.
+
+    ``batch_stats``: mean and var are x's own batch statistics, and their
+    gradient is folded into grad_x. ``need_stats``: mean and var are inputs of
+    their own, and their gradients are returned instead.
+    Returns a dict with the gradients asked for (x, weight, bias, residual, mean, var).
+    """
     fmt = memory_format(x)
     x, grad_y, residual = dense(x, fmt), dense(grad_y, fmt), dense(residual, fmt)
     invstd = torch.rsqrt(var + eps)
-    scale, shift = _fold(weight, bias, mean, invstd)
-    grads = []
-    if training or need_w or need_b:
+    scale, shift = bn_scale_shift(weight, bias, mean, invstd)
+    out = {}
+    if batch_stats or need_w or need_b or need_stats:
         sum_gz, sum_gz_xc = k.bn_act_backward_reduce(grad_y, x, scale, shift, residual, act, mean)
+        if need_w:
+            out["weight"] = (sum_gz_xc * invstd).to(weight.dtype)
+        if need_b:
+            out["bias"] = sum_gz.to(bias.dtype)
+        if need_stats:
+            out["mean"] = -scale * sum_gz
+            out["var"] = -0.5 * scale * invstd * invstd * sum_gz_xc
     if need_x or need_r:
-        if training:
+        if batch_stats:
             # d/dx through the batch statistics: grad_x = k1*gz + k2*x + k3.
             n = x.numel() // x.size(1)
             k2 = -scale * invstd * invstd * sum_gz_xc / n
@@ -97,15 +98,24 @@ def bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
             k2 = k3 = torch.zeros_like(scale)
         grad_x, grad_r = k.bn_act_backward_apply(grad_y, x, scale, shift, residual, act,
                                                  scale, k2, k3, need_x, need_r)
-    if need_x:
-        grads.append(grad_x)
-    if need_w:
-        grads.append((sum_gz_xc * invstd).to(weight.dtype))
-    if need_b:
-        grads.append(sum_gz.to(bias.dtype))
-    if need_r:
-        grads.append(grad_r)
-    return grads
+        if need_x:
+            out["x"] = grad_x
+        if need_r:
+            out["residual"] = grad_r
+    return out
+
+
+@torch.library.custom_op("convkernels::bn_act_backward", mutates_args=())
+def bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    residual: Optional[Tensor], mean: Tensor, var: Tensor, training: bool,
+                    eps: float, act: str, output_mask: list[bool]) -> list[Tensor]:
+    """Gradients of (x, weight, bias, residual), only those set in output_mask,
+    in that order."""
+    need_x, need_w, need_b, need_r = output_mask
+    grads = bn_act_grads(backend.kernels(backend.resolve(x.device)), grad_y, x, weight, bias,
+                         residual, mean, var, eps, act, batch_stats=training, need_x=need_x,
+                         need_w=need_w, need_b=need_b, need_r=need_r)
+    return [grads[name] for name, need in zip(("x", "weight", "bias", "residual"), output_mask) if need]
 
 
 @bn_act_backward.register_fake

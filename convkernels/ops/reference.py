@@ -36,3 +36,36 @@ def add_act(x, residual, act="relu", scale: Optional[torch.Tensor] = None):
     if scale is not None:
         x = x * scale.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     return activation(residual + x, act)
+
+
+def conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,
+                training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, groups=1,
+                act="relu", residual=None):
+    """``act(batch_norm(conv2d(x)) [+ residual])``."""
+    z = F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation, groups)
+    return bn_act(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, act, residual)
+
+
+def bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
+                eps=1e-5, act="relu", conv_weight=None, conv_bias=None, stride=1, padding=0,
+                dilation=1, groups=1, stats=None):
+    """``conv2d(act(batch_norm(x)))``. ``stats``: x's batch (mean, biased var),
+    when computed elsewhere (training only)."""
+    if stats is None:
+        t = bn_act(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, act)
+    else:
+        mean, var = stats
+        if running_mean is not None:
+            n = x.numel() // x.size(1)
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var.to(running_var.dtype) * (n / (n - 1)),
+                                                    alpha=momentum)
+        shape = (1, -1, 1, 1)
+        z = (x - mean.to(x.dtype).view(shape)) * torch.rsqrt(var.to(x.dtype) + eps).view(shape)
+        if bn_weight is not None:
+            z = z * bn_weight.to(x.dtype).view(shape)
+        if bn_bias is not None:
+            z = z + bn_bias.to(x.dtype).view(shape)
+        t = activation(z, act)
+    return F.conv2d(t, conv_weight, conv_bias, stride, padding, dilation, groups)

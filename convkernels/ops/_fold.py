@@ -1,0 +1,84 @@
+"""Folding eval-mode BatchNorm into the preceding conv, with a cache.
+
+``conv(x, w) + cb`` followed by ``(. - mean) * invstd * g + b`` equals
+``conv(x, w * s) + (cb - mean) * s + b`` with ``s = g * invstd`` per output
+channel. The folded weight is derived data: it is cached and recomputed when
+any source tensor changes (its version counter moves, e.g. after
+``optimizer.step()`` or ``load_state_dict``), so it is never stale, and it is
+never written back into the parameters.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from .primitives import acc_dtype
+
+_MAX_ENTRIES = 512  # more than the convs of any model in the set
+
+
+class _FoldCache:
+    def __init__(self):
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _signature(tensors, eps):
+        return tuple((None if t is None else (t._version, t.data_ptr(), t.dtype)) for t in tensors) + (eps,)
+
+    def get(self, tensors, eps, compute):
+        key = tuple(id(t) for t in tensors)
+        sig = self._signature(tensors, eps)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                refs, hit_sig, value = hit
+                # ids can be reused after a tensor dies: check identity too.
+                if hit_sig == sig and all((r is None and t is None) or (r is not None and r() is t)
+                                          for r, t in zip(refs, tensors)):
+                    self._entries.move_to_end(key)
+                    return value
+        value = compute()
+        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        with self._lock:
+            self._entries[key] = (refs, sig, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > _MAX_ENTRIES:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+
+FOLD_CACHE = _FoldCache()
+
+
+def bn_scale_shift(weight, bias, mean, invstd):
+    """BatchNorm as ``x * scale + shift`` per channel, in invstd's dtype."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = -mean.to(invstd.dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(invstd.dtype)
+    return scale, shift
+
+
+def folded_conv_params(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps):
+    """(weight, bias) of the conv with eval-mode BN folded in (cached)."""
+
+    def compute():
+        with torch.no_grad():
+            acc = acc_dtype(conv_weight.dtype)
+            invstd = torch.rsqrt(running_var.to(acc) + eps)
+            scale, shift = bn_scale_shift(bn_weight, bn_bias, running_mean.to(acc), invstd)
+            if conv_bias is not None:
+                shift = shift + conv_bias.to(acc) * scale
+            w = (conv_weight.to(acc) * scale.view(-1, 1, 1, 1)).to(conv_weight.dtype)
+            return w, shift
+
+    sources = (conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias)
+    return FOLD_CACHE.get(sources, eps, compute)

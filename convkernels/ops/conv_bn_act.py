@@ -1,0 +1,258 @@
+"""conv_bn_act: ``act(batch_norm(conv2d(x)) [+ residual])``.
+
+* eval without autograd: BN folded into the conv weights and bias (cached,
+  see _fold.py) and one conv with a fused bias + residual + activation epilogue.
+* training (or eval with autograd): conv whose per-channel statistics come
+  with it (Triton: from the conv's epilogue), then bn_act's apply pass.
+  Saves x and the conv output z (not the BN or activation outputs); backward
+  is bn_act's fused backward, then aten's convolution_backward.
+
+Ops: ``conv_bn_act`` and ``conv_bn_act.out`` (public, composite; the schema
+declares the running-stat update), ``conv_bn_act_forward`` /
+``conv_bn_act_backward`` (functional, autograd) and ``conv_bn_act_eval`` /
+``conv_bn_act_eval_out`` (folded inference).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from . import reference
+from ._checks import (check_act, check_bn_args, check_conv_args, check_input, check_result_like,
+                      conv_output_size, pair)
+from ._conv import conv_act, conv_stats
+from ._fold import bn_scale_shift, folded_conv_params
+from ._library import LIB, dense, memory_format
+from .bn_act import bn_act_grads, update_running_stats  # noqa: F401  (registers the op)
+from .primitives import acc_dtype
+
+OP = "conv_bn_act"
+
+
+def _out_shape(x, weight, stride, padding, dilation):
+    oh, ow = conv_output_size(OP, x, weight, stride, padding, dilation)
+    return (x.size(0), weight.size(0), oh, ow)
+
+
+def _empty_out(x, weight, stride, padding, dilation):
+    fmt = memory_format(x)
+    return torch.empty(_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype,
+                       device=x.device, memory_format=fmt)
+
+
+# ----------------------------------------------------------- folded inference
+def _eval(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
+          padding, dilation, groups, act, residual, out):
+    w, b = folded_conv_params(conv_weight, conv_bias, running_mean, running_var, bn_weight,
+                              bn_bias, eps)
+    return conv_act(backend.resolve(x.device), x, w, b, stride, padding, dilation, groups, act,
+                    residual, out)
+
+
+@torch.library.custom_op("convkernels::conv_bn_act_eval", mutates_args=())
+def conv_bn_act_eval(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                     running_mean: Tensor, running_var: Tensor, bn_weight: Optional[Tensor],
+                     bn_bias: Optional[Tensor], eps: float, stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int, act: str,
+                     residual: Optional[Tensor]) -> Tensor:
+    """Inference with BN folded into the conv. Not differentiable: the public op
+    takes the training path when autograd needs gradients."""
+    return _eval(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps,
+                 stride, padding, dilation, groups, act, residual, None)
+
+
+@conv_bn_act_eval.register_fake
+def _(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
+      padding, dilation, groups, act, residual):
+    return _empty_out(x, conv_weight, stride, padding, dilation)
+
+
+@torch.library.custom_op("convkernels::conv_bn_act_eval_out", mutates_args=("out",))
+def conv_bn_act_eval_out(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                         running_mean: Tensor, running_var: Tensor, bn_weight: Optional[Tensor],
+                         bn_bias: Optional[Tensor], eps: float, stride: list[int],
+                         padding: list[int], dilation: list[int], groups: int, act: str,
+                         residual: Optional[Tensor], out: Tensor) -> None:
+    """conv_bn_act_eval written into ``out`` (e.g. a channel slice of a larger buffer)."""
+    _eval(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
+          padding, dilation, groups, act, residual, out)
+
+
+@conv_bn_act_eval_out.register_fake
+def _(*args):
+    return None
+
+
+# ----------------------------------------------------------- autograd path
+@torch.library.custom_op("convkernels::conv_bn_act_forward", mutates_args=())
+def conv_bn_act_forward(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                        bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        training: bool, eps: float, stride: list[int], padding: list[int],
+                        dilation: list[int], groups: int, act: str,
+                        residual: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, z, mean, var): z the conv output (saved for backward), mean
+    and var the statistics BN used (batch ones when training)."""
+    name = backend.resolve(x.device)
+    z, mean, var = conv_stats(name, x, conv_weight, conv_bias, stride, padding, dilation, groups)
+    if not training:
+        acc = acc_dtype(x.dtype)
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    scale, shift = bn_scale_shift(bn_weight, bn_bias, mean, torch.rsqrt(var + eps))
+    fmt = memory_format(z)
+    y = backend.kernels(name).bn_act_apply(dense(z, fmt), scale, shift, dense(residual, fmt), act)
+    return y, z, mean, var
+
+
+@conv_bn_act_forward.register_fake
+def _(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, eps,
+      stride, padding, dilation, groups, act, residual):
+    z = _empty_out(x, conv_weight, stride, padding, dilation)
+    c, acc = conv_weight.size(0), acc_dtype(x.dtype)
+    return torch.empty_like(z), z, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+
+
+@torch.library.custom_op("convkernels::conv_bn_act_backward", mutates_args=())
+def conv_bn_act_backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, z: Tensor,
+                         bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                         residual: Optional[Tensor], mean: Tensor, var: Tensor, training: bool,
+                         eps: float, stride: list[int], padding: list[int], dilation: list[int],
+                         groups: int, act: str, has_conv_bias: bool,
+                         output_mask: list[bool]) -> list[Tensor]:
+    """Gradients of (x, conv_weight, conv_bias, bn_weight, bn_bias, residual),
+    only those set in output_mask, in that order."""
+    need_x, need_cw, need_cb, need_bw, need_bb, need_r = output_mask
+    k = backend.kernels(backend.resolve(x.device))
+    need_z = need_x or need_cw or need_cb
+    g = bn_act_grads(k, grad_y, z, bn_weight, bn_bias, residual, mean, var, eps, act,
+                     batch_stats=training, need_x=need_z, need_w=need_bw, need_b=need_bb,
+                     need_r=need_r)
+    conv_grads = [None, None, None]
+    if need_z:
+        conv_grads = torch.ops.aten.convolution_backward(
+            g["x"], x, conv_weight, [conv_weight.size(0)] if has_conv_bias else None, stride,
+            padding, dilation, False, [0, 0], groups, [need_x, need_cw, need_cb])
+    grads = (conv_grads[0], conv_grads[1], conv_grads[2], g.get("weight"), g.get("bias"),
+             g.get("residual"))
+    return [t for t, need in zip(grads, output_mask) if need]
+
+
+@conv_bn_act_backward.register_fake
+def _(grad_y, x, conv_weight, z, bn_weight, bn_bias, residual, mean, var, training, eps, stride,
+      padding, dilation, groups, act, has_conv_bias, output_mask):
+    cb = conv_weight.new_empty(conv_weight.size(0))
+    like = (x, conv_weight, cb, bn_weight, bn_bias, z)
+    return [torch.empty_like(t) for t, need in zip(like, output_mask) if need]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, conv_weight, conv_bias, bn_weight, bn_bias, _, _, training, eps, stride, padding,
+     dilation, groups, act, residual) = inputs
+    _, z, mean, var = output
+    ctx.mark_non_differentiable(z, mean, var)
+    ctx.save_for_backward(x, conv_weight, z, bn_weight, bn_bias, residual, mean, var)
+    ctx.args = (training, eps, stride, padding, dilation, groups, act, conv_bias is not None)
+
+
+def _backward(ctx, grad_y, _gz, _gm, _gv):
+    x, conv_weight, z, bn_weight, bn_bias, residual, mean, var = ctx.saved_tensors
+    training, eps, stride, padding, dilation, groups, act, has_cb = ctx.args
+    n = ctx.needs_input_grad
+    mask = [n[0], n[1], has_cb and n[2], bn_weight is not None and n[3],
+            bn_bias is not None and n[4], residual is not None and n[14]]
+    grads = iter(torch.ops.convkernels.conv_bn_act_backward(
+        grad_y, x, conv_weight, z, bn_weight, bn_bias, residual, mean, var, training, eps, stride,
+        padding, dilation, groups, act, has_cb, mask))
+    gx, gcw, gcb, gbw, gbb, gr = (next(grads) if need else None for need in mask)
+    return gx, gcw, gcb, gbw, gbb, None, None, None, None, None, None, None, None, None, gr
+
+
+conv_bn_act_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ public op
+_SCHEMA = ("(Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor(a!)? running_mean, "
+           "Tensor(b!)? running_var, Tensor? bn_weight, Tensor? bn_bias, bool training, "
+           "float momentum, float eps, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+           "str act, Tensor? residual")
+LIB.define("conv_bn_act" + _SCHEMA + ") -> Tensor")
+LIB.define("conv_bn_act.out" + _SCHEMA + ", *, Tensor(c!) out) -> Tensor(c!)")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,
+                 training, momentum, eps, stride, padding, dilation, groups, act, residual,
+                 out=None):
+    stride, padding, dilation = (pair(v, n, OP) for v, n in
+                                 ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    check_input(OP, x)
+    check_conv_args(OP, x, conv_weight, conv_bias, groups)
+    shape = _out_shape(x, conv_weight, stride, padding, dilation)
+    check_bn_args(OP, x, running_mean, running_var, bn_weight, bn_bias, training,
+                  channels=shape[1], count=shape[0] * shape[2] * shape[3],
+                  names=("bn_weight", "bn_bias"))
+    check_result_like(OP, "residual", residual, shape, x)
+    check_result_like(OP, "out", out, shape, x)
+    check_act(OP, act)
+    params = (x, conv_weight, conv_bias, bn_weight, bn_bias, residual)
+    name = backend.resolve(x.device)
+    if name == "reference":
+        y = reference.conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight,
+                                  bn_bias, training, momentum, eps, stride, padding, dilation,
+                                  groups, act, residual)
+    elif not training and not _needs_grad(*params):
+        args = (x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps,
+                list(stride), list(padding), list(dilation), groups, act, residual)
+        if out is not None:
+            torch.ops.convkernels.conv_bn_act_eval_out(*args, out)
+            return out
+        return torch.ops.convkernels.conv_bn_act_eval(*args)
+    else:
+        y, _, mean, var = torch.ops.convkernels.conv_bn_act_forward(
+            x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
+            eps, list(stride), list(padding), list(dilation), groups, act, residual)
+        if training and running_mean is not None:
+            torch.ops.convkernels.update_running_stats(
+                running_mean, running_var, mean, var, momentum, shape[0] * shape[2] * shape[3])
+    if out is None:
+        return y
+    # With autograd, out= is a copy: the op's own output stays the autograd node.
+    out.copy_(y)
+    return out
+
+
+def _conv_bn_act_out(*args, out):
+    return _conv_bn_act(*args, out=out)
+
+
+LIB.impl("conv_bn_act", _conv_bn_act, "CompositeImplicitAutograd")
+LIB.impl("conv_bn_act.out", _conv_bn_act_out, "CompositeImplicitAutograd")
+
+
+def conv_bn_act(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], training: bool = False,
+                momentum: float = 0.1, eps: float = 1e-5, stride=1, padding=0, dilation=1,
+                groups: int = 1, act: str = "relu", residual: Optional[Tensor] = None,
+                out: Optional[Tensor] = None) -> Tensor:
+    """Fused ``act(F.batch_norm(F.conv2d(x, conv_weight, conv_bias, stride, padding,
+    dilation, groups), running_mean, running_var, bn_weight, bn_bias, training,
+    momentum, eps) [+ residual])``.
+
+    In eval mode without autograd, BN is folded into the conv (cached folded
+    weights, refreshed whenever a parameter or buffer changes). ``out``: an
+    optional preallocated result, e.g. a channel slice of a larger tensor (with
+    autograd it is filled by a copy).
+    """
+    args = (x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, training,
+            momentum, eps, pair(stride, "stride", OP), pair(padding, "padding", OP),
+            pair(dilation, "dilation", OP), groups, act, residual)
+    if out is None:
+        return torch.ops.convkernels.conv_bn_act(*args)
+    return torch.ops.convkernels.conv_bn_act.out(*args, out=out)

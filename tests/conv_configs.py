@@ -1,0 +1,43 @@
+"""The conv configurations every fused conv op is tested on (issue: 1x1 to
+11x11, strides, groups, depthwise, dilation, odd sizes, batch 1)."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    name: str
+    cin: int
+    cout: int
+    k: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    hw: tuple = (9, 9)
+    batch: int = 2
+
+    def scaled(self, small: bool) -> "ConvConfig":
+        """Small shapes for the Triton interpreter: fewer channels, same structure."""
+        if not small:
+            return self
+        div = 4 if self.groups == 1 else 1
+        return ConvConfig(self.name, max(self.cin // div, 3), max(self.cout // div, 2), self.k,
+                          self.stride, self.padding, self.dilation, self.groups,
+                          tuple(min(s, 12) for s in self.hw), self.batch)
+
+
+CONFIGS = [
+    ConvConfig("1x1", 32, 48, 1),
+    ConvConfig("3x3", 24, 32, 3, padding=1),
+    ConvConfig("3x3-stride2", 24, 32, 3, stride=2, padding=1, hw=(10, 11)),
+    ConvConfig("5x5", 16, 24, 5, padding=2),
+    ConvConfig("7x7-stride2", 3, 16, 7, stride=2, padding=3, hw=(17, 15)),
+    ConvConfig("11x11-stride4", 3, 16, 11, stride=4, padding=2, hw=(35, 35)),
+    ConvConfig("groups32", 64, 64, 3, padding=1, groups=32),
+    ConvConfig("depthwise", 24, 24, 3, padding=1, groups=24),
+    ConvConfig("depthwise5-stride2", 16, 16, 5, stride=2, padding=2, groups=16, hw=(11, 11)),
+    ConvConfig("dilation2", 16, 16, 3, padding=2, dilation=2),
+    ConvConfig("odd-sizes", 13, 19, 3, padding=1, hw=(7, 5)),
+    ConvConfig("batch1", 16, 32, 3, padding=1, batch=1),
+]
+IDS = [c.name for c in CONFIGS]
