@@ -64,7 +64,7 @@ def _nvidia_wheel_includes():
 
 
 def _cpu_flags():
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]  # torch adds the C++ standard its headers need
     # at::vec picks its SIMD implementation from CPU_CAPABILITY; x86-64 builds
     # use AVX2+FMA (every x86 server CPU since 2013). CONVKERNELS_CPU_CAPABILITY
     # =DEFAULT builds portable scalar code instead.
@@ -90,7 +90,7 @@ def _extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         include_dirs += _nvidia_wheel_includes()
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         extra["cxx"].append("-DCONVKERNELS_WITH_CUDA")
         return cpp_extension.CUDAExtension(
             "convkernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra
