@@ -7,15 +7,15 @@
 * ``auto`` (default): the fastest available for the tensor's device.
 
 Set it with :func:`set_backend`, the :func:`use_backend` context manager, or the
-environment variable ``CONVKERNELS_BACKEND``. Under ``torch.compile`` the choice
-between ``reference`` and the native kernels is made when the graph is traced.
+environment variable ``CONVKERNELS_BACKEND``. The backend is resolved once per
+op call, when the forward runs (under ``torch.compile``: when the graph is
+traced), and the backward of that call runs on the same backend.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-import threading
 
 import torch
 
@@ -23,26 +23,24 @@ from ._extension import HAS_C, has_cuda_kernels
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
-_state = threading.local()
-
-
 def _check_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"convkernels: unknown backend {name!r}; expected one of {BACKENDS}")
     return name
 
 
-_default = _check_name(os.environ.get("CONVKERNELS_BACKEND", "auto"))
+_current = _check_name(os.environ.get("CONVKERNELS_BACKEND", "auto"))
 
 
 def get_backend() -> str:
-    """The backend requested for this thread (may be ``"auto"``)."""
-    return getattr(_state, "name", _default)
+    """The backend requested (may be ``"auto"``)."""
+    return _current
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for this thread."""
-    _state.name = _check_name(name)
+    """Select the backend for the whole process."""
+    global _current
+    _current = _check_name(name)
 
 
 @contextlib.contextmanager
@@ -53,7 +51,7 @@ def use_backend(name: str):
     try:
         yield
     finally:
-        _state.name = previous
+        set_backend(previous)
 
 
 def triton_available(device_type: str) -> bool:

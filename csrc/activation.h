@@ -29,7 +29,7 @@ inline Act parse_act(const std::string& name) {
 template <Act A, typename T>
 C10_HOST_DEVICE inline T act_forward(T z) {
   if constexpr (A == Act::kRelu) {
-    return z > T(0) ? z : T(0);
+    return z < T(0) ? T(0) : z;  // NaN passes through, as in torch.relu
   } else if constexpr (A == Act::kSilu) {
     return z / (T(1) + std::exp(-z));
   } else if constexpr (A == Act::kSigmoid) {

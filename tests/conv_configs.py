@@ -41,3 +41,6 @@ CONFIGS = [
     ConvConfig("batch1", 16, 32, 3, padding=1, batch=1),
 ]
 IDS = [c.name for c in CONFIGS]
+
+# gradcheck's cost is (input elements) x (output elements): keep it tiny.
+GRADCHECK = ConvConfig("gradcheck", 3, 4, 3, stride=2, padding=1, hw=(5, 6))

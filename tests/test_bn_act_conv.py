@@ -6,7 +6,7 @@ import convkernels
 from convkernels.ops import reference
 from convkernels.ops._checks import conv_output_size
 
-from conv_configs import CONFIGS, IDS
+from conv_configs import CONFIGS, GRADCHECK, IDS
 from harness import TARGET_IDS, TARGETS, assert_close, make, on, requires, to64, vector
 
 GRAD_NAMES = ("x", "bn_weight", "bn_bias", "conv_weight", "conv_bias")
@@ -38,7 +38,7 @@ def _compare(target, cfg, tensors, dtype, training, act, with_grad, stats=False)
     ref = {k: (to64(v.requires_grad_(with_grad and k in GRAD_NAMES)) if v is not None else None)
            for k, v in tensors.items()}
     with on(target), torch.set_grad_enabled(with_grad):
-        kw = {"stats": torch.ops.convkernels.batch_stats(ours["x"])} if stats else {}
+        kw = {"stats": convkernels.ops.batch_stats(ours["x"])} if stats else {}
         y = _call(convkernels.ops.bn_act_conv, cfg, ours, training, act, **kw)
     y_ref = _call(reference.bn_act_conv, cfg, ref, training, act)
     assert y.dtype == dtype and y.shape == y_ref.shape
@@ -126,7 +126,7 @@ def test_out_is_a_channel_slice(target, mode):
 def test_gradcheck_float64(target):
     if target.device != "cpu":
         pytest.skip("gradcheck runs on CPU")
-    cfg, t = _inputs(target, CONFIGS[2].scaled(True), torch.float64, "nchw", True)
+    cfg, t = _inputs(target, GRADCHECK, torch.float64, "nchw", True)
     args = [t[n].requires_grad_(True) for n in GRAD_NAMES]
     for training in (True, False):
         def f(x, bw, bb, w, cb):

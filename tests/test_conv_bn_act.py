@@ -6,7 +6,7 @@ import convkernels
 from convkernels.ops import reference
 from convkernels.ops._checks import conv_output_size
 
-from conv_configs import CONFIGS, IDS
+from conv_configs import CONFIGS, GRADCHECK, IDS
 from harness import TARGET_IDS, TARGETS, assert_close, make, on, requires, to64, vector
 
 ACTS = ("relu", "identity", "silu", "sigmoid")
@@ -109,7 +109,7 @@ def test_out_is_a_channel_slice(target, mode):
 def test_gradcheck_float64(target):
     if target.device != "cpu":
         pytest.skip("gradcheck runs on CPU")
-    cfg, t = _inputs(target, CONFIGS[2].scaled(True), torch.float64, "nchw", True, True)
+    cfg, t = _inputs(target, GRADCHECK, torch.float64, "nchw", True, True)
     names = ("x", "conv_weight", "conv_bias", "bn_weight", "bn_bias", "residual")
     args = [t[n].requires_grad_(True) for n in names]
     for training in (True, False):

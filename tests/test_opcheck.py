@@ -10,41 +10,105 @@ from harness import TARGET_IDS, TARGETS, make, on, vector
 ops = torch.ops.convkernels
 
 
-def _bn_samples(device):
-    x = make((2, 3, 4, 5), torch.float32, device, seed=1).requires_grad_(True)
-    r = make((2, 3, 4, 5), torch.float32, device, seed=2).requires_grad_(True)
-    w = vector(3, torch.float32, device, 3).requires_grad_(True)
-    b = vector(3, torch.float32, device, 4).requires_grad_(True)
-    rm, rv = vector(3, torch.float32, device, 5), vector(3, torch.float32, device, 6)
+def _bn_samples(device, c=3):
+    x = make((2, c, 4, 5), torch.float32, device, seed=1).requires_grad_(True)
+    r = make((2, c, 4, 5), torch.float32, device, seed=2).requires_grad_(True)
+    w = vector(c, torch.float32, device, 3).requires_grad_(True)
+    b = vector(c, torch.float32, device, 4).requires_grad_(True)
+    rm, rv = vector(c, torch.float32, device, 5), vector(c, torch.float32, device, 6)
     xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     return x, r, w, b, rm, rv, xcl
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
 def test_bn_act_ops(target):
+    impl = target.backend
     x, r, w, b, rm, rv, xcl = _bn_samples(target.device)
     with on(target):
         for training in (True, False):
             opcheck(ops.bn_act, (x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, "relu", r))
             opcheck(ops.bn_act, (xcl, rm.clone(), rv.clone(), None, None, training, 0.1, 1e-5, "silu", None))
-            opcheck(ops.bn_act_forward, (x, w, b, r, rm, rv, training, 1e-5, "sigmoid"))
+            opcheck(ops.bn_act_forward, (x, w, b, r, rm, rv, training, 1e-5, "sigmoid", impl))
             mean, var = rm + 0.1, rv + 0.2
             g = torch.randn_like(x)
             opcheck(ops.bn_act_backward, (g, x.detach(), w.detach(), b.detach(), r.detach(), mean, var,
-                                          training, 1e-5, "relu", [True, True, True, True]))
+                                          training, 1e-5, "relu", [True, True, True, True], impl))
             opcheck(ops.bn_act_backward, (g, x.detach(), None, None, None, mean, var,
-                                          training, 1e-5, "identity", [True, False, False, False]))
+                                          training, 1e-5, "identity", [True, False, False, False], impl))
         opcheck(ops.update_running_stats, (rm.clone(), rv.clone(), rm + 1, rv + 1, 0.1, 40))
+        opcheck(ops.batch_stats, (x, impl))
+        opcheck(ops.batch_stats_backward, (rm, rv, x.detach(), rm + 0.5, impl))
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
 def test_add_act_ops(target):
+    impl = target.backend
     x, r, *_ = _bn_samples(target.device)
     scale = torch.tensor([0.0, 1.25], device=target.device)
     g = torch.randn_like(x)
     with on(target):
         opcheck(ops.add_act, (x, r, "relu", scale))
         opcheck(ops.add_act, (x, r, "silu", None))
-        opcheck(ops.add_act_forward, (x, r, "sigmoid", scale))
-        opcheck(ops.add_act_backward, (g, x.detach(), r.detach(), "relu", scale, [True, True]))
-        opcheck(ops.add_act_backward, (g, x.detach(), r.detach(), "relu", None, [False, True]))
+        opcheck(ops.add_act_forward, (x, r, "sigmoid", scale, impl))
+        opcheck(ops.add_act_backward, (g, x.detach(), r.detach(), "relu", scale, [True, True], impl))
+        opcheck(ops.add_act_backward, (g, x.detach(), r.detach(), "relu", None, [False, True], impl))
+
+
+def _conv_samples(device, cin=4, cout=6):
+    x = make((2, cin, 5, 5), torch.float32, device, seed=1).requires_grad_(True)
+    cw = (make((cout, cin, 3, 3), torch.float32, device, seed=2) / 6).requires_grad_(True)
+    cb = vector(cout, torch.float32, device, 3).requires_grad_(True)
+    return x, cw, cb
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_conv_bn_act_ops(target):
+    impl = target.backend
+    x, cw, cb = _conv_samples(target.device)
+    _, r, w, b, rm, rv, _ = _bn_samples(target.device, 6)
+    r = make((2, 6, 5, 5), torch.float32, target.device, seed=9).requires_grad_(True)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    out = torch.empty(2, 8, 5, 5, device=target.device)[:, 1:7]
+    with on(target):
+        for training in (True, False):
+            args = (x, cw, cb, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, *conv, "relu", r)
+            opcheck(ops.conv_bn_act.default, args)
+            with torch.no_grad():
+                opcheck(ops.conv_bn_act.out, args, {"out": out})
+            opcheck(ops.conv_bn_act_forward,
+                    (x, cw, cb, w, b, rm, rv, training, 1e-5, *conv, "silu", r, impl))
+        with torch.no_grad():
+            opcheck(ops.conv_bn_act_eval, (x.detach(), cw.detach(), cb.detach(), rm, rv, w.detach(),
+                                           b.detach(), 1e-5, *conv, "relu", None, impl))
+            opcheck(ops.conv_bn_act_eval_out, (x.detach(), cw.detach(), None, rm, rv, None, None,
+                                               1e-5, *conv, "identity", r.detach(), impl, out))
+        g = torch.randn(2, 6, 5, 5, device=target.device)
+        z = torch.randn(2, 6, 5, 5, device=target.device)
+        opcheck(ops.conv_bn_act_backward, (g, x.detach(), cw.detach(), z, w.detach(), b.detach(),
+                                           r.detach(), rm, rv + 0.5, True, 1e-5, *conv, "relu", True,
+                                           [True] * 6, impl))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_bn_act_conv_ops(target):
+    impl = target.backend
+    x, cw, cb = _conv_samples(target.device)
+    _, _, w, b, rm, rv, _ = _bn_samples(target.device, 4)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    out = torch.empty(2, 9, 5, 5, device=target.device)[:, 3:]
+    mean, var = rm.clone().requires_grad_(True), (rv + 0.5).requires_grad_(True)
+    with on(target):
+        for training in (True, False):
+            args = (x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, "relu", cw, cb, *conv)
+            opcheck(ops.bn_act_conv.default, args)
+            with torch.no_grad():
+                opcheck(ops.bn_act_conv.out, args, {"out": out})
+        opcheck(ops.bn_act_conv.default, (x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5, "silu", cw, cb,
+                                  *conv, mean, var))
+        opcheck(ops.bn_act_conv_forward, (x, mean, var, w, b, 1e-5, "relu", cw, cb, *conv, impl))
+        with torch.no_grad():
+            opcheck(ops.bn_act_conv_out, (x.detach(), rm, rv, w.detach(), None, 1e-5, "sigmoid",
+                                          cw.detach(), None, *conv, impl, out))
+        g = torch.randn(2, 6, 5, 5, device=target.device)
+        opcheck(ops.bn_act_conv_backward, (g, x.detach(), rm, rv + 0.5, w.detach(), b.detach(), 1e-5,
+                                           "relu", cw.detach(), *conv, True, [True] * 7, impl))

@@ -169,12 +169,11 @@ class ReducePlan:
     total_tiles: int
     tiles_per_split: int
     splits: int
+    c_blocks: int
 
     @property
     def grid(self):
         return (self.c_blocks, self.splits)
-
-    c_blocks: int = 1
 
 
 def reduce_plan(lay: Layout, device: torch.device) -> ReducePlan:

@@ -32,22 +32,24 @@ def _prepare(x, residual, scale):
 
 
 @torch.library.custom_op("convkernels::add_act_forward", mutates_args=())
-def add_act_forward(x: Tensor, residual: Tensor, act: str, scale: Optional[Tensor]) -> Tensor:
-    k = backend.kernels(backend.resolve(x.device))
+def add_act_forward(x: Tensor, residual: Tensor, act: str, scale: Optional[Tensor],
+                    impl: str) -> Tensor:
+    """``impl``: the backend."""
+    k = backend.kernels(impl)
     x, residual, scale = _prepare(x, residual, scale)
     return k.add_act_forward(x, residual, scale, act)
 
 
 @add_act_forward.register_fake
-def _(x, residual, act, scale):
+def _(x, residual, act, scale, impl):
     return torch.empty_like(dense(x, memory_format(x)))
 
 
 @torch.library.custom_op("convkernels::add_act_backward", mutates_args=())
 def add_act_backward(grad_y: Tensor, x: Tensor, residual: Tensor, act: str,
-                     scale: Optional[Tensor], output_mask: list[bool]) -> list[Tensor]:
+                     scale: Optional[Tensor], output_mask: list[bool], impl: str) -> list[Tensor]:
     """Gradients of (x, residual), only those set in output_mask."""
-    k = backend.kernels(backend.resolve(x.device))
+    k = backend.kernels(impl)
     x, residual, scale = _prepare(x, residual, scale)
     grad_y = dense(grad_y, memory_format(x))
     grad_x, grad_r = k.add_act_backward(grad_y, x, residual, scale, act, *output_mask)
@@ -55,22 +57,23 @@ def add_act_backward(grad_y: Tensor, x: Tensor, residual: Tensor, act: str,
 
 
 @add_act_backward.register_fake
-def _(grad_y, x, residual, act, scale, output_mask):
+def _(grad_y, x, residual, act, scale, output_mask, impl):
     return [torch.empty_like(dense(x, memory_format(x))) for need in output_mask if need]
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, act, scale = inputs
+    x, residual, act, scale, impl = inputs
     ctx.save_for_backward(x, residual, scale)
-    ctx.act = act
+    ctx.act, ctx.impl = act, impl
 
 
 def _backward(ctx, grad_y):
     x, residual, scale = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:2])
-    grads = iter(torch.ops.convkernels.add_act_backward(grad_y, x, residual, ctx.act, scale, mask))
+    grads = iter(torch.ops.convkernels.add_act_backward(grad_y, x, residual, ctx.act, scale, mask,
+                                                        ctx.impl))
     gx, gr = (next(grads) if need else None for need in mask)
-    return gx, gr, None, None
+    return gx, gr, None, None, None
 
 
 add_act_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -87,9 +90,10 @@ def _add_act(x, residual, act, scale):
         check_vector(OP, "scale", scale, x.size(0), "the batch size of x", x)
         if scale.requires_grad:
             raise ValueError(f"{OP}: scale is a constant mask and must not require grad")
-    if backend.resolve(x.device) == "reference":
+    impl = backend.resolve(x.device)
+    if impl == "reference":
         return reference.add_act(x, residual, act, scale)
-    return torch.ops.convkernels.add_act_forward(x, residual, act, scale)
+    return torch.ops.convkernels.add_act_forward(x, residual, act, scale, impl)
 
 
 LIB.impl("add_act", _add_act, "CompositeImplicitAutograd")

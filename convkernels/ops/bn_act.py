@@ -39,10 +39,10 @@ OP = "bn_act"
 def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    residual: Optional[Tensor], running_mean: Optional[Tensor],
                    running_var: Optional[Tensor], training: bool, eps: float,
-                   act: str) -> tuple[Tensor, Tensor, Tensor]:
+                   act: str, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean, var): batch statistics when training, else copies of
-    the running statistics, in the accumulation dtype."""
-    k = backend.kernels(backend.resolve(x.device))
+    the running statistics, in the accumulation dtype. ``impl``: the backend."""
+    k = backend.kernels(impl)
     fmt = memory_format(x)
     x, residual = dense(x, fmt), dense(residual, fmt)
     acc = acc_dtype(x.dtype)
@@ -57,7 +57,7 @@ def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 
 @bn_act_forward.register_fake
-def _(x, weight, bias, residual, running_mean, running_var, training, eps, act):
+def _(x, weight, bias, residual, running_mean, running_var, training, eps, act, impl):
     c, acc = x.size(1), acc_dtype(x.dtype)
     y = torch.empty_like(dense(x, memory_format(x)))
     return y, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
@@ -108,29 +108,30 @@ def bn_act_grads(k, grad_y, x, weight, bias, residual, mean, var, eps, act, *, b
 @torch.library.custom_op("convkernels::bn_act_backward", mutates_args=())
 def bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     residual: Optional[Tensor], mean: Tensor, var: Tensor, training: bool,
-                    eps: float, act: str, output_mask: list[bool]) -> list[Tensor]:
+                    eps: float, act: str, output_mask: list[bool], impl: str) -> list[Tensor]:
     """Gradients of (x, weight, bias, residual), only those set in output_mask,
     in that order."""
     need_x, need_w, need_b, need_r = output_mask
-    grads = bn_act_grads(backend.kernels(backend.resolve(x.device)), grad_y, x, weight, bias,
+    grads = bn_act_grads(backend.kernels(impl), grad_y, x, weight, bias,
                          residual, mean, var, eps, act, batch_stats=training, need_x=need_x,
                          need_w=need_w, need_b=need_b, need_r=need_r)
     return [grads[name] for name, need in zip(("x", "weight", "bias", "residual"), output_mask) if need]
 
 
 @bn_act_backward.register_fake
-def _(grad_y, x, weight, bias, residual, mean, var, training, eps, act, output_mask):
+def _(grad_y, x, weight, bias, residual, mean, var, training, eps, act, output_mask, impl):
     like_x = torch.empty_like(dense(x, memory_format(x)))
     outs = (like_x, weight, bias, like_x)
     return [torch.empty_like(t) for t, need in zip(outs, output_mask) if need]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, _, _, training, eps, act = inputs
+    x, weight, bias, residual, _, _, training, eps, act, impl = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(x, weight, bias, residual, mean, var)
-    ctx.training, ctx.eps, ctx.act = training, eps, act
+    ctx.args = (training, eps, act)
+    ctx.impl = impl
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_var):
@@ -140,9 +141,9 @@ def _backward(ctx, grad_y, _grad_mean, _grad_var):
             bias is not None and ctx.needs_input_grad[2],
             residual is not None and ctx.needs_input_grad[3]]
     grads = iter(torch.ops.convkernels.bn_act_backward(
-        grad_y, x, weight, bias, residual, mean, var, ctx.training, ctx.eps, ctx.act, mask))
+        grad_y, x, weight, bias, residual, mean, var, *ctx.args, mask, ctx.impl))
     gx, gw, gb, gr = (next(grads) if need else None for need in mask)
-    return gx, gw, gb, gr, None, None, None, None, None
+    return gx, gw, gb, gr, None, None, None, None, None, None
 
 
 bn_act_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -175,11 +176,12 @@ def _bn_act(x, running_mean, running_var, weight, bias, training, momentum, eps,
     check_bn_args(OP, x, running_mean, running_var, weight, bias, training)
     check_like(OP, "residual", residual, x)
     check_act(OP, act)
-    if backend.resolve(x.device) == "reference":
+    impl = backend.resolve(x.device)
+    if impl == "reference":
         return reference.bn_act(x, running_mean, running_var, weight, bias, training,
                                 momentum, eps, act, residual)
     y, mean, var = torch.ops.convkernels.bn_act_forward(
-        x, weight, bias, residual, running_mean, running_var, training, eps, act)
+        x, weight, bias, residual, running_mean, running_var, training, eps, act, impl)
     if training and running_mean is not None:
         torch.ops.convkernels.update_running_stats(
             running_mean, running_var, mean, var, momentum, x.numel() // x.size(1))

@@ -29,7 +29,7 @@ from ._checks import (check_act, check_bn_args, check_conv_args, check_input, ch
 from ._conv import act_conv
 from ._fold import bn_scale_shift
 from ._library import LIB, memory_format
-from .batch_stats import batch_stats  # noqa: F401  (registers the op)
+from . import batch_stats  # noqa: F401  (registers the op)
 from .bn_act import bn_act_grads, update_running_stats  # noqa: F401
 from .primitives import acc_dtype
 
@@ -37,9 +37,9 @@ OP = "bn_act_conv"
 
 
 def _forward(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride, padding,
-             dilation, groups, out):
+             dilation, groups, impl, out):
     scale, shift = bn_scale_shift(bn_weight, bn_bias, mean, torch.rsqrt(var + eps))
-    return act_conv(backend.resolve(x.device), x, scale, shift, act, conv_weight, conv_bias,
+    return act_conv(impl, x, scale, shift, act, conv_weight, conv_bias,
                     stride, padding, dilation, groups, out)
 
 
@@ -53,15 +53,15 @@ def _empty_out(x, conv_weight, stride, padding, dilation):
 def bn_act_conv_forward(x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor],
                         bn_bias: Optional[Tensor], eps: float, act: str, conv_weight: Tensor,
                         conv_bias: Optional[Tensor], stride: list[int], padding: list[int],
-                        dilation: list[int], groups: int) -> Tensor:
+                        dilation: list[int], groups: int, impl: str) -> Tensor:
     """``conv2d(act((x - mean) * rsqrt(var + eps) * bn_weight + bn_bias))``."""
     return _forward(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride,
-                    padding, dilation, groups, None)
+                    padding, dilation, groups, impl, None)
 
 
 @bn_act_conv_forward.register_fake
 def _(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride, padding,
-      dilation, groups):
+      dilation, groups, impl):
     return _empty_out(x, conv_weight, stride, padding, dilation)
 
 
@@ -69,10 +69,10 @@ def _(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride
 def bn_act_conv_out(x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor],
                     bn_bias: Optional[Tensor], eps: float, act: str, conv_weight: Tensor,
                     conv_bias: Optional[Tensor], stride: list[int], padding: list[int],
-                    dilation: list[int], groups: int, out: Tensor) -> None:
+                    dilation: list[int], groups: int, impl: str, out: Tensor) -> None:
     """bn_act_conv_forward written into ``out`` (e.g. a channel slice of a larger buffer)."""
     _forward(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride, padding,
-             dilation, groups, out)
+             dilation, groups, impl, out)
 
 
 @bn_act_conv_out.register_fake
@@ -85,11 +85,11 @@ def bn_act_conv_backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor,
                          bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
                          act: str, conv_weight: Tensor, stride: list[int], padding: list[int],
                          dilation: list[int], groups: int, has_conv_bias: bool,
-                         output_mask: list[bool]) -> list[Tensor]:
+                         output_mask: list[bool], impl: str) -> list[Tensor]:
     """Gradients of (x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias),
     only those set in output_mask, in that order. Recomputes act(bn(x))."""
     need_x, need_m, need_v, need_bw, need_bb, need_cw, need_cb = output_mask
-    k = backend.kernels(backend.resolve(x.device))
+    k = backend.kernels(impl)
     scale, shift = bn_scale_shift(bn_weight, bn_bias, mean, torch.rsqrt(var + eps))
     fmt = memory_format(x)
     t = k.bn_act_apply(x.contiguous(memory_format=fmt), scale, shift, None, act)
@@ -110,7 +110,7 @@ def bn_act_conv_backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor,
 
 @bn_act_conv_backward.register_fake
 def _(grad_y, x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, stride, padding, dilation,
-      groups, has_conv_bias, output_mask):
+      groups, has_conv_bias, output_mask, impl):
     cb = conv_weight.new_empty(conv_weight.size(0))
     like = (torch.empty_like(x.contiguous(memory_format=memory_format(x))), mean, var, bn_weight,
             bn_bias, conv_weight, cb)
@@ -119,9 +119,10 @@ def _(grad_y, x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, stride, p
 
 def _setup_context(ctx, inputs, output):
     (x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride, padding,
-     dilation, groups) = inputs
+     dilation, groups, impl) = inputs
     ctx.save_for_backward(x, mean, var, bn_weight, bn_bias, conv_weight)
     ctx.args = (eps, act, stride, padding, dilation, groups, conv_bias is not None)
+    ctx.impl = impl
 
 
 def _backward(ctx, grad_y):
@@ -132,9 +133,9 @@ def _backward(ctx, grad_y):
             has_cb and n[8]]
     grads = iter(torch.ops.convkernels.bn_act_conv_backward(
         grad_y, x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, stride, padding, dilation,
-        groups, has_cb, mask))
+        groups, has_cb, mask, ctx.impl))
     gx, gm, gv, gbw, gbb, gcw, gcb = (next(grads) if need else None for need in mask)
-    return gx, gm, gv, gbw, gbb, None, None, gcw, gcb, None, None, None, None
+    return gx, gm, gv, gbw, gbb, None, None, gcw, gcb, None, None, None, None, None
 
 
 bn_act_conv_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -171,8 +172,8 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
             check_vector(OP, name, t, x.size(1), f"the {x.size(1)} channels of x", x)
         stats = (stats_mean, stats_var)
 
-    name = backend.resolve(x.device)
-    if name == "reference":
+    impl = backend.resolve(x.device)
+    if impl == "reference":
         y = reference.bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training,
                                   momentum, eps, act, conv_weight, conv_bias, stride, padding,
                                   dilation, groups, stats)
@@ -183,7 +184,7 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
 
     acc = acc_dtype(x.dtype)
     if training:
-        mean, var = stats if stats is not None else torch.ops.convkernels.batch_stats(x)
+        mean, var = stats if stats is not None else torch.ops.convkernels.batch_stats(x, impl)
         mean, var = mean.to(acc), var.to(acc)
         if running_mean is not None:
             torch.ops.convkernels.update_running_stats(
@@ -192,7 +193,7 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     args = (x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, list(stride),
-            list(padding), list(dilation), groups)
+            list(padding), list(dilation), groups, impl)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias))
     if out is not None and not grad:

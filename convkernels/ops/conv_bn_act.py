@@ -45,10 +45,10 @@ def _empty_out(x, weight, stride, padding, dilation):
 
 # ----------------------------------------------------------- folded inference
 def _eval(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
-          padding, dilation, groups, act, residual, out):
+          padding, dilation, groups, act, residual, impl, out):
     w, b = folded_conv_params(conv_weight, conv_bias, running_mean, running_var, bn_weight,
                               bn_bias, eps)
-    return conv_act(backend.resolve(x.device), x, w, b, stride, padding, dilation, groups, act,
+    return conv_act(impl, x, w, b, stride, padding, dilation, groups, act,
                     residual, out)
 
 
@@ -57,16 +57,16 @@ def conv_bn_act_eval(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor]
                      running_mean: Tensor, running_var: Tensor, bn_weight: Optional[Tensor],
                      bn_bias: Optional[Tensor], eps: float, stride: list[int], padding: list[int],
                      dilation: list[int], groups: int, act: str,
-                     residual: Optional[Tensor]) -> Tensor:
+                     residual: Optional[Tensor], impl: str) -> Tensor:
     """Inference with BN folded into the conv. Not differentiable: the public op
     takes the training path when autograd needs gradients."""
     return _eval(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps,
-                 stride, padding, dilation, groups, act, residual, None)
+                 stride, padding, dilation, groups, act, residual, impl, None)
 
 
 @conv_bn_act_eval.register_fake
 def _(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
-      padding, dilation, groups, act, residual):
+      padding, dilation, groups, act, residual, impl):
     return _empty_out(x, conv_weight, stride, padding, dilation)
 
 
@@ -75,10 +75,10 @@ def conv_bn_act_eval_out(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Ten
                          running_mean: Tensor, running_var: Tensor, bn_weight: Optional[Tensor],
                          bn_bias: Optional[Tensor], eps: float, stride: list[int],
                          padding: list[int], dilation: list[int], groups: int, act: str,
-                         residual: Optional[Tensor], out: Tensor) -> None:
+                         residual: Optional[Tensor], impl: str, out: Tensor) -> None:
     """conv_bn_act_eval written into ``out`` (e.g. a channel slice of a larger buffer)."""
     _eval(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
-          padding, dilation, groups, act, residual, out)
+          padding, dilation, groups, act, residual, impl, out)
 
 
 @conv_bn_act_eval_out.register_fake
@@ -93,23 +93,22 @@ def conv_bn_act_forward(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tens
                         running_mean: Optional[Tensor], running_var: Optional[Tensor],
                         training: bool, eps: float, stride: list[int], padding: list[int],
                         dilation: list[int], groups: int, act: str,
-                        residual: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        residual: Optional[Tensor], impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, z, mean, var): z the conv output (saved for backward), mean
     and var the statistics BN used (batch ones when training)."""
-    name = backend.resolve(x.device)
-    z, mean, var = conv_stats(name, x, conv_weight, conv_bias, stride, padding, dilation, groups)
+    z, mean, var = conv_stats(impl, x, conv_weight, conv_bias, stride, padding, dilation, groups)
     if not training:
         acc = acc_dtype(x.dtype)
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
     scale, shift = bn_scale_shift(bn_weight, bn_bias, mean, torch.rsqrt(var + eps))
     fmt = memory_format(z)
-    y = backend.kernels(name).bn_act_apply(dense(z, fmt), scale, shift, dense(residual, fmt), act)
+    y = backend.kernels(impl).bn_act_apply(dense(z, fmt), scale, shift, dense(residual, fmt), act)
     return y, z, mean, var
 
 
 @conv_bn_act_forward.register_fake
 def _(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, eps,
-      stride, padding, dilation, groups, act, residual):
+      stride, padding, dilation, groups, act, residual, impl):
     z = _empty_out(x, conv_weight, stride, padding, dilation)
     c, acc = conv_weight.size(0), acc_dtype(x.dtype)
     return torch.empty_like(z), z, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
@@ -121,11 +120,11 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, z: Tens
                          residual: Optional[Tensor], mean: Tensor, var: Tensor, training: bool,
                          eps: float, stride: list[int], padding: list[int], dilation: list[int],
                          groups: int, act: str, has_conv_bias: bool,
-                         output_mask: list[bool]) -> list[Tensor]:
+                         output_mask: list[bool], impl: str) -> list[Tensor]:
     """Gradients of (x, conv_weight, conv_bias, bn_weight, bn_bias, residual),
     only those set in output_mask, in that order."""
     need_x, need_cw, need_cb, need_bw, need_bb, need_r = output_mask
-    k = backend.kernels(backend.resolve(x.device))
+    k = backend.kernels(impl)
     need_z = need_x or need_cw or need_cb
     g = bn_act_grads(k, grad_y, z, bn_weight, bn_bias, residual, mean, var, eps, act,
                      batch_stats=training, need_x=need_z, need_w=need_bw, need_b=need_bb,
@@ -142,7 +141,7 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, z: Tens
 
 @conv_bn_act_backward.register_fake
 def _(grad_y, x, conv_weight, z, bn_weight, bn_bias, residual, mean, var, training, eps, stride,
-      padding, dilation, groups, act, has_conv_bias, output_mask):
+      padding, dilation, groups, act, has_conv_bias, output_mask, impl):
     cb = conv_weight.new_empty(conv_weight.size(0))
     like = (x, conv_weight, cb, bn_weight, bn_bias, z)
     return [torch.empty_like(t) for t, need in zip(like, output_mask) if need]
@@ -150,11 +149,12 @@ def _(grad_y, x, conv_weight, z, bn_weight, bn_bias, residual, mean, var, traini
 
 def _setup_context(ctx, inputs, output):
     (x, conv_weight, conv_bias, bn_weight, bn_bias, _, _, training, eps, stride, padding,
-     dilation, groups, act, residual) = inputs
+     dilation, groups, act, residual, impl) = inputs
     _, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)
     ctx.save_for_backward(x, conv_weight, z, bn_weight, bn_bias, residual, mean, var)
     ctx.args = (training, eps, stride, padding, dilation, groups, act, conv_bias is not None)
+    ctx.impl = impl
 
 
 def _backward(ctx, grad_y, _gz, _gm, _gv):
@@ -165,9 +165,9 @@ def _backward(ctx, grad_y, _gz, _gm, _gv):
             bn_bias is not None and n[4], residual is not None and n[14]]
     grads = iter(torch.ops.convkernels.conv_bn_act_backward(
         grad_y, x, conv_weight, z, bn_weight, bn_bias, residual, mean, var, training, eps, stride,
-        padding, dilation, groups, act, has_cb, mask))
+        padding, dilation, groups, act, has_cb, mask, ctx.impl))
     gx, gcw, gcb, gbw, gbb, gr = (next(grads) if need else None for need in mask)
-    return gx, gcw, gcb, gbw, gbb, None, None, None, None, None, None, None, None, None, gr
+    return gx, gcw, gcb, gbw, gbb, None, None, None, None, None, None, None, None, None, gr, None
 
 
 conv_bn_act_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -201,14 +201,14 @@ def _conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight
     check_result_like(OP, "out", out, shape, x)
     check_act(OP, act)
     params = (x, conv_weight, conv_bias, bn_weight, bn_bias, residual)
-    name = backend.resolve(x.device)
-    if name == "reference":
+    impl = backend.resolve(x.device)
+    if impl == "reference":
         y = reference.conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight,
                                   bn_bias, training, momentum, eps, stride, padding, dilation,
                                   groups, act, residual)
     elif not training and not _needs_grad(*params):
         args = (x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps,
-                list(stride), list(padding), list(dilation), groups, act, residual)
+                list(stride), list(padding), list(dilation), groups, act, residual, impl)
         if out is not None:
             torch.ops.convkernels.conv_bn_act_eval_out(*args, out)
             return out
@@ -216,7 +216,7 @@ def _conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight
     else:
         y, _, mean, var = torch.ops.convkernels.conv_bn_act_forward(
             x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
-            eps, list(stride), list(padding), list(dilation), groups, act, residual)
+            eps, list(stride), list(padding), list(dilation), groups, act, residual, impl)
         if training and running_mean is not None:
             torch.ops.convkernels.update_running_stats(
                 running_mean, running_var, mean, var, momentum, shape[0] * shape[2] * shape[3])

@@ -49,10 +49,11 @@ Tensor add_act_forward_cpu(const Tensor& x, const Tensor& residual,
     const scalar_t* rp = residual.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     dispatch_act(a, [&](auto A) {
-      channel_map<M>(L, std::array<const M*, 0>{}, samp, [&](int64_t off, auto n, const V* P) {
+      constexpr Act kA = decltype(A)::value;
+      channel_map<M>(L, std::array<const M*, 0>{}, samp, [=](int64_t off, auto n, const V* P) {
         const V z = at::vec::fmadd(io::load(xp + off, n), P[0], io::load(rp + off, n));
-        io::store(yp + off, vact_forward<decltype(A)::value>(z), n);
-      });
+        io::store(yp + off, vact_forward<kA>(z), n);
+      }, want_stream(L, sizeof(scalar_t)));
     });
   });
   return y;
@@ -84,7 +85,7 @@ std::tuple<Tensor, Tensor> add_act_backward_cpu(const Tensor& grad_y, const Tens
     scalar_t* grp = need_grad_residual ? grad_r.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_act(a, [&](auto A) {
       constexpr Act kA = decltype(A)::value;
-      channel_map<M>(L, std::array<const M*, 0>{}, samp, [&](int64_t off, auto n, const V* P) {
+      channel_map<M>(L, std::array<const M*, 0>{}, samp, [=](int64_t off, auto n, const V* P) {
         V gz = io::load(gp + off, n);
         if constexpr (kA != Act::kIdentity) {
           const V z = at::vec::fmadd(io::load(xp + off, n), P[0], io::load(rp + off, n));
@@ -92,7 +93,7 @@ std::tuple<Tensor, Tensor> add_act_backward_cpu(const Tensor& grad_y, const Tens
         }
         if (gxp) io::store(gxp + off, gz * P[0], n);
         if (grp) io::store(grp + off, gz, n);
-      });
+      }, want_stream(L, sizeof(scalar_t)));
     });
   });
   return {grad_x, grad_r};

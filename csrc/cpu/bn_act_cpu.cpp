@@ -47,7 +47,7 @@ std::tuple<Tensor, Tensor> channel_stats_cpu(const Tensor& x) {
       shift[c] = static_cast<M>(xp[L.channels_last ? c : c * L.HW]);
     const std::array<const M*, 1> chan{shift.data()};
     const std::vector<double> s =
-        channel_reduce<2>(L, chan, [&](int64_t off, auto n, const V* P) {
+        channel_reduce<2>(L, chan, [=](int64_t off, auto n, const V* P) {
           const V d = io::load(xp + off, n) - P[0];
           return std::array<V, 2>{d, d * d};
         });
@@ -80,12 +80,14 @@ Tensor bn_act_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shif
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const std::array<const M*, 2> chan{scale.const_data_ptr<M>(), shift.const_data_ptr<M>()};
     dispatch_act(a, [&](auto A) {
+      constexpr Act kA = decltype(A)::value;
       dispatch_bool(res != nullptr, [&](auto R) {
-        channel_map<M>(L, chan, std::array<const M*, 0>{}, [&](int64_t off, auto n, const V* P) {
+        constexpr bool kR = decltype(R)::value;
+        channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
           V z = at::vec::fmadd(io::load(xp + off, n), P[0], P[1]);
-          if constexpr (decltype(R)::value) z = z + io::load(rp + off, n);
-          io::store(yp + off, vact_forward<decltype(A)::value>(z), n);
-        });
+          if constexpr (kR) z = z + io::load(rp + off, n);
+          io::store(yp + off, vact_forward<kA>(z), n);
+        }, want_stream(L, sizeof(scalar_t)));
       });
     });
   });
@@ -119,14 +121,16 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce_cpu(const Tensor& grad_y, cons
                                        center.const_data_ptr<M>()};
     std::vector<double> s;
     dispatch_act(a, [&](auto A) {
+      constexpr Act kA = decltype(A)::value;
       dispatch_bool(res != nullptr, [&](auto R) {
-        s = channel_reduce<2>(L, chan, [&](int64_t off, auto n, const V* P) {
+        constexpr bool kR = decltype(R)::value;
+        s = channel_reduce<2>(L, chan, [=](int64_t off, auto n, const V* P) {
           const V xv = io::load(xp + off, n);
           V gz = io::load(gp + off, n);
-          if constexpr (decltype(A)::value != Act::kIdentity) {
+          if constexpr (kA != Act::kIdentity) {
             V z = at::vec::fmadd(xv, P[0], P[1]);
-            if constexpr (decltype(R)::value) z = z + io::load(rp + off, n);
-            gz = vact_grad_mul<decltype(A)::value>(z, gz);
+            if constexpr (kR) z = z + io::load(rp + off, n);
+            gz = vact_grad_mul<kA>(z, gz);
           }
           return std::array<V, 2>{gz, gz * (xv - P[2])};
         });
@@ -176,31 +180,32 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply_cpu(
     dispatch_act(a, [&](auto A) {
       constexpr Act kA = decltype(A)::value;
       dispatch_bool(res != nullptr, [&](auto R) {
+        constexpr bool kR = decltype(R)::value;
         if (need_grad_x) {
           const std::array<const M*, 5> chan{sc, sh, k1.const_data_ptr<M>(),
                                              k2.const_data_ptr<M>(), k3.const_data_ptr<M>()};
-          channel_map<M>(L, chan, std::array<const M*, 0>{}, [&](int64_t off, auto n, const V* P) {
+          channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
             const V xv = io::load(xp + off, n);
             V gz = io::load(gp + off, n);
             if constexpr (kA != Act::kIdentity) {
               V z = at::vec::fmadd(xv, P[0], P[1]);
-              if constexpr (decltype(R)::value) z = z + io::load(rp + off, n);
+              if constexpr (kR) z = z + io::load(rp + off, n);
               gz = vact_grad_mul<kA>(z, gz);
             }
             io::store(gxp + off, at::vec::fmadd(P[2], gz, at::vec::fmadd(P[3], xv, P[4])), n);
             if (grp) io::store(grp + off, gz, n);
-          });
+          }, want_stream(L, sizeof(scalar_t)));
         } else {
           const std::array<const M*, 2> chan{sc, sh};
-          channel_map<M>(L, chan, std::array<const M*, 0>{}, [&](int64_t off, auto n, const V* P) {
+          channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
             V gz = io::load(gp + off, n);
             if constexpr (kA != Act::kIdentity) {
               V z = at::vec::fmadd(io::load(xp + off, n), P[0], P[1]);
-              if constexpr (decltype(R)::value) z = z + io::load(rp + off, n);
+              if constexpr (kR) z = z + io::load(rp + off, n);
               gz = vact_grad_mul<kA>(z, gz);
             }
             io::store(grp + off, gz, n);
-          });
+          }, want_stream(L, sizeof(scalar_t)));
         }
       });
     });

@@ -6,11 +6,11 @@
 // (8 floats / 8 halfs / 8 bfloat16 / 4 doubles with AVX2).
 #pragma once
 
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -26,6 +26,9 @@ using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Tag for a full vector; a tail is passed as an int64_t count (< size()).
 struct Full {};
+// A full vector whose store may bypass the caches (non-temporal) when the
+// address is aligned; loads treat it as Full.
+struct FullNT : Full {};
 
 // ---------------------------------------------------------------------------
 // Loads and stores: T in memory <-> Vectorized<opmath_t<T>> in registers.
@@ -42,6 +45,19 @@ struct IO {
   static inline V load(const T* p, Full) { return V::loadu(p); }
   static inline V load(const T* p, int64_t n) { return V::loadu(p, n); }
   static inline void store(T* p, const V& v, Full) { v.store(p); }
+  static inline void store(T* p, const V& v, FullNT) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (reinterpret_cast<uintptr_t>(p) % 32 == 0) {
+      if constexpr (std::is_same_v<T, float>) {
+        _mm256_stream_ps(p, __m256(v));
+      } else {
+        _mm256_stream_pd(p, __m256d(v));
+      }
+      return;
+    }
+#endif
+    v.store(p);
+  }
   static inline void store(T* p, const V& v, int64_t n) { v.store(p, static_cast<int>(n)); }
 };
 
@@ -72,15 +88,27 @@ struct IO16 {
     std::memcpy(static_cast<void*>(tmp), p, n * sizeof(T));
     return load(tmp, Full{});
   }
+#if defined(CPU_CAPABILITY_AVX2)
+  static inline __m128i pack(const V& v) {
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      return _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      return at::vec::cvtfp32_bf16(__m256(v));
+    }
+  }
+#endif
+  static inline void store(T* p, const V& v, FullNT) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), pack(v));
+      return;
+    }
+#endif
+    store(p, v, Full{});
+  }
   static inline void store(T* p, const V& v, Full) {
 #if defined(CPU_CAPABILITY_AVX2)
-    __m128i raw;
-    if constexpr (std::is_same_v<T, c10::Half>) {
-      raw = _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {
-      raw = at::vec::cvtfp32_bf16(__m256(v));
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), raw);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v));
 #else
     float tmp[W];
     v.store(tmp);
@@ -97,12 +125,6 @@ template <>
 struct IO<c10::Half> : IO16<c10::Half> {};
 template <>
 struct IO<c10::BFloat16> : IO16<c10::BFloat16> {};
-
-// Number of lanes valid in a vector step (Full -> all).
-template <typename V>
-inline int64_t lanes(Full) { return V::size(); }
-template <typename V>
-inline int64_t lanes(int64_t n) { return n; }
 
 // Zero the lanes >= n (tails of reductions must not contribute).
 template <typename V>
