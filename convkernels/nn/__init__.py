@@ -1,4 +1,5 @@
 """Modules built on the fused ops; parameters live in ordinary torch submodules."""
 from .batchnorm_act import BatchNormAct2d
+from .conv_bn_act import BNActConv2d, ConvBNAct2d
 
-__all__ = ["BatchNormAct2d"]
+__all__ = ["BNActConv2d", "BatchNormAct2d", "ConvBNAct2d"]

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from .. import ops
 from ..ops._checks import check_act
+from ._bn_state import bn_args, count_batch
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -32,23 +32,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(x)
-        counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if self.momentum is not None:
-            factor = self.momentum
-        elif counting:  # cumulative moving average, as nn.BatchNorm2d
-            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        else:
-            factor = 0.0
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        y = ops.bn_act(
-            x,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight, self.bias, use_batch_stats, factor, self.eps, self.act, residual,
-        )
-        if counting:  # after the op: a rejected input mutates nothing
-            self.num_batches_tracked.add_(1)
+        a = bn_args(self)
+        y = ops.bn_act(x, a.running_mean, a.running_var, self.weight, self.bias, a.training,
+                       a.momentum, self.eps, self.act, residual)
+        count_batch(self, a)
         return y
 
     def extra_repr(self) -> str:

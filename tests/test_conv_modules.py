@@ -1,0 +1,122 @@
+"""ConvBNAct2d / BNActConv2d: usual state-dict keys, torch semantics, and an
+eval weight cache that is never stale."""
+import pytest
+import torch
+from torch import nn
+
+from convkernels.nn import BNActConv2d, ConvBNAct2d
+from convkernels.ops import _fold
+
+from harness import TARGET_IDS, TARGETS, assert_close, make, on
+
+
+class _EagerConvBNAct(nn.Module):
+    def __init__(self, *args, act="relu", **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(*args, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(args[1])
+        self.act = nn.SiLU() if act == "silu" else nn.ReLU()
+
+    def forward(self, x, residual=None):
+        z = self.bn(self.conv(x))
+        return self.act(z if residual is None else z + residual)
+
+
+def _randomise(module):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + (0.5 if "var" in name else -0.1))
+
+
+def test_state_dict_keys():
+    m = ConvBNAct2d(4, 8, 3, padding=1)
+    assert list(m.state_dict()) == ["conv.weight", "bn.weight", "bn.bias", "bn.running_mean",
+                                    "bn.running_var", "bn.num_batches_tracked"]
+    p = BNActConv2d(4, 8, 1)
+    assert list(p.state_dict()) == ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                                    "bn.num_batches_tracked", "conv.weight"]
+    assert isinstance(m.conv, nn.Conv2d) and isinstance(m.bn, nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_conv_bn_act_module_trains_like_eager(target):
+    ours = ConvBNAct2d(4, 6, 3, stride=2, padding=1, act="silu").to(target.device)
+    eager = _EagerConvBNAct(4, 6, 3, stride=2, padding=1, act="silu").to(target.device)
+    _randomise(eager)
+    ours.load_state_dict(eager.state_dict(), strict=True)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.1)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    for step in range(3):
+        x = make((3, 4, 9, 9), torch.float32, target.device, seed=step)
+        r = make((3, 6, 5, 5), torch.float32, target.device, seed=10 + step)
+        with on(target):
+            y = ours(x, residual=r)
+            y.square().sum().backward()
+        eager(x, residual=r).square().sum().backward()
+        opt_o.step(), opt_e.step(), opt_o.zero_grad(), opt_e.zero_grad()
+    for (name, a), b in zip(ours.state_dict().items(), eager.state_dict().values()):
+        if a.is_floating_point():
+            assert_close(a, b.double(), torch.float32, "grad", name)
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_fold_cache_refreshes(target):
+    """The folded eval weights follow optimizer.step() and load_state_dict()."""
+    torch.manual_seed(0)
+    ours = ConvBNAct2d(4, 6, 3, padding=1).to(target.device)
+    eager = _EagerConvBNAct(4, 6, 3, padding=1).to(target.device)
+    _randomise(eager)
+    ours.load_state_dict(eager.state_dict())
+    x = make((2, 4, 6, 6), torch.float32, target.device, seed=1)
+
+    def check(msg):
+        ours.eval(), eager.eval()
+        with on(target), torch.no_grad():
+            y = ours(x)
+        assert_close(y, eager(x).detach().double(), torch.float32, "grad", msg)
+
+    _fold.FOLD_CACHE.clear()
+    check("first eval")
+    check("cached eval")
+    # A training step changes weights and running stats in place.
+    ours.train(), eager.train()
+    opt = torch.optim.SGD(list(ours.parameters()) + list(eager.parameters()), lr=0.5)
+    with on(target):
+        ours(x).sum().backward()
+    eager(x).sum().backward()
+    opt.step()
+    check("after optimizer.step")
+    # New weights loaded in place.
+    _randomise(eager)
+    eager.bn.running_var.mul_(3)
+    ours.load_state_dict(eager.state_dict())
+    check("after load_state_dict")
+    # The parameters themselves are never overwritten by folding.
+    assert torch.equal(ours.conv.weight, eager.conv.weight)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_bn_act_conv_module_matches_eager(target):
+    ours = BNActConv2d(6, 4, 3, padding=1).to(target.device)
+    bn, conv = nn.BatchNorm2d(6).to(target.device), nn.Conv2d(6, 4, 3, padding=1, bias=False).to(target.device)
+    eager = nn.Sequential(bn, nn.ReLU(), conv)
+    _randomise(eager)
+    ours.bn.load_state_dict(bn.state_dict())
+    ours.conv.load_state_dict(conv.state_dict())
+    for mode in (True, False):
+        ours.train(mode), eager.train(mode)
+        x = make((2, 6, 7, 7), torch.float32, target.device, seed=int(mode))
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        with on(target):
+            y = ours(x1)
+            y.sum().backward()
+        y_e = eager(x2)
+        y_e.sum().backward()
+        assert_close(y, y_e.detach().double(), torch.float32, "grad", f"out train={mode}")
+        assert_close(x1.grad, x2.grad.double(), torch.float32, "grad", f"grad x train={mode}")
+    assert_close(ours.bn.running_var, bn.running_var.double(), torch.float32, "grad", "running_var")
+    assert torch.equal(ours.bn.num_batches_tracked, bn.num_batches_tracked)
