@@ -14,8 +14,10 @@ from .. import backend
 from ._library import dense, memory_format
 from .primitives import acc_dtype
 
-# oneDNN post-op names of our activations.
+# oneDNN post-op names of our activations. After a fused residual add oneDNN
+# takes relu (or nothing) only.
 _ONEDNN_ACT = {"relu": "relu", "identity": "none", "silu": "swish", "sigmoid": "sigmoid"}
+_ONEDNN_ACT_AFTER_ADD = {"relu": "relu", "identity": None}
 
 
 def conv2d(x, weight, bias, stride, padding, dilation, groups):
@@ -43,14 +45,14 @@ def conv_act(name, x, weight, bias, stride, padding, dilation, groups, act, resi
         return y
     fmt = memory_format(x)
     x, residual = dense(x, fmt), dense(residual, fmt)
-    if name == "cpu" and _onednn_ok(x):
+    if name == "cpu" and _onednn_ok(x) and (residual is None or act in _ONEDNN_ACT_AFTER_ADD):
         weight = weight.contiguous(memory_format=fmt)
         args = (weight, bias, list(padding), list(stride), list(dilation), groups)
         if residual is None:
             y = torch.ops.mkldnn._convolution_pointwise(x, *args, _ONEDNN_ACT[act], [], "")
         else:
             y = torch.ops.mkldnn._convolution_pointwise.binary(
-                x, residual, *args, "add", 1.0, _ONEDNN_ACT[act], [], "")
+                x, residual, *args, "add", 1.0, _ONEDNN_ACT_AFTER_ADD[act], [], "")
         return _into(y, out)
     z = conv2d(x, weight, None, stride, padding, dilation, groups)
     ones = torch.ones(z.size(1), dtype=bias.dtype if bias is not None else torch.float32, device=z.device)

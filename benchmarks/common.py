@@ -1,0 +1,254 @@
+"""What the op benchmarks share: variants (eager / compile / convkernels-<backend>),
+one case's correctness check and timing, and the loop over cases.
+
+A *case* is one (shape, layout, dtype, op, mode, direction). Each bench script
+describes its cases with :class:`Case` and calls :func:`run_cases`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make benchmarks/ and the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
+
+
+def import_convkernels():
+    """convkernels from this checkout (PYTHONPATH or the repo root)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "_C not loaded": info() says so
+        import convkernels
+    return convkernels
+
+
+ck = import_convkernels()
+from convkernels import backend as ck_backend  # noqa: E402
+
+
+@contextlib.contextmanager
+def force_backend(name: str):
+    """``use_backend`` for this thread *and* as the process default.
+
+    If the backend choice is thread-local (an earlier backend.py), autograd's CUDA
+    device threads running backward would see only the default: setting both makes
+    the backward of a timed step run on the backend under test too.
+    """
+    has_default = hasattr(ck_backend, "_default")  # thread-local variant of backend.py
+    prev_default = getattr(ck_backend, "_default", None)
+    if has_default:
+        ck_backend._default = name
+    try:
+        with ck_backend.use_backend(name):
+            yield
+    finally:
+        if has_default:
+            ck_backend._default = prev_default
+
+
+def convkernels_backends(args, device: torch.device) -> list:
+    """Backends to time: ``auto``, plus on CUDA ``triton`` and ``cuda`` when available."""
+    if args.backends:
+        names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    else:
+        names = ["auto"] + (["triton", "cuda"] if device.type == "cuda" else [])
+    out = []
+    for b in names:
+        if b == "auto" or ck_backend.available(b, device.type):
+            out.append(b)
+        else:
+            print(f"note: convkernels backend {b!r} is not available on {device.type}; skipped",
+                  file=sys.stderr)
+    return out
+
+
+def resolved(b: str, device: torch.device) -> str:
+    with ck_backend.use_backend(b):
+        return ck_backend.resolve(device)
+
+
+# ------------------------------------------------------------------- checks
+# dtype -> (rtol, atol, fraction of elements allowed off, atol of per-channel vectors).
+# atol is relative to the reference's max |value|. A few ReLU-mask flips (pre-activation
+# within rounding of 0) are legitimate, and each moves the weight/bias grads of its
+# channel by one term of their sum: hence the allowed fraction and the vector atol.
+TOL = {torch.float32: (1e-3, 1e-3, 1e-5, 2e-2), torch.float64: (1e-6, 1e-6, 0.0, 1e-6),
+       torch.bfloat16: (3e-2, 3e-2, 1e-3, 5e-2), torch.float16: (1e-2, 1e-2, 1e-3, 5e-2)}
+
+
+def compare(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
+    """None when close, else a message. Low precision allows a tiny fraction of
+    elements off (activation-derivative flips at 0)."""
+    if got.shape != ref.shape:
+        return f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    rtol, atol, frac, vec_atol = TOL.get(dtype, TOL[torch.float32])
+    if ref.dim() <= 1:
+        atol, frac = vec_atol, 0.0
+    g, r = got.detach().double(), ref.detach().double()
+    if not torch.isfinite(g).all():
+        return f"{name}: non-finite values"
+    # Scale atol by the reference's magnitude (weight/bias grads are big sums).
+    scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+    bad = (g - r).abs() > atol * scale + rtol * r.abs()
+    nbad = int(bad.sum())
+    if nbad > frac * r.numel() and nbad > 0:
+        err = (g - r).abs().max().item()
+        return f"{name}: {nbad}/{r.numel()} elements off, max abs err {err:.3g} (ref max {scale:.3g})"
+    return None
+
+
+# -------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """One benchmark case.
+
+    ``make_inputs()`` returns fresh, identical (seeded) inputs as a dict;
+    ``eager(inp)`` and ``fused(inp)`` compute the output from it. ``diff``: the
+    input names that get gradients (fwd+bwd: autograd.grad of the output with
+    ``inp["grad_y"]``); ``state``: input names mutated in place and checked
+    (running stats). ``compile_key``: cases with the same key share one
+    torch.compile of ``eager`` (dynamo is reset when the key changes).
+    """
+    bench: str
+    case: str
+    make_inputs: Callable[[], dict]
+    eager: Callable[[dict], torch.Tensor]
+    fused: Callable[[dict], torch.Tensor]
+    direction: str  # "fwd" | "fwd+bwd"
+    grad_mode: bool  # autograd recording on during forward (train) or not (eval)
+    nbytes: int
+    dtype: torch.dtype
+    diff: tuple = ()
+    state: tuple = ()
+    compile_key: tuple = ()
+    note: str = ""
+    flops: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _step(case: Case, f: Callable, inp: dict):
+    with torch.set_grad_enabled(case.grad_mode):
+        y = f(inp)
+        if case.direction == "fwd+bwd":
+            grads = torch.autograd.grad(y, [inp[n] for n in case.diff], inp["grad_y"])
+            return (y, *grads)
+    return (y,)
+
+
+def _outputs_names(case: Case) -> list:
+    return ["y"] + ([f"grad_{n}" for n in case.diff] if case.direction == "fwd+bwd" else [])
+
+
+def _check(case: Case, name: str, f: Callable, ref_out, ref_inp) -> Optional[str]:
+    inp = case.make_inputs()
+    out = _step(case, f, inp)
+    timing.synchronize(inp["x"].device)
+    msgs = [compare(n, g, r, case.dtype) for n, g, r in zip(_outputs_names(case), out, ref_out)]
+    msgs += [compare(s, inp[s], ref_inp[s], torch.float32) for s in case.state]
+    msgs = [m for m in msgs if m]
+    return f"{name} != eager on {case.bench} {case.case}: " + "; ".join(msgs) if msgs else None
+
+
+class CompileCache:
+    """One torch.compile'd eager function per compile_key."""
+
+    def __init__(self, mode: Optional[str]):
+        self.mode, self.key, self.fn = mode, None, None
+
+    def get(self, case: Case) -> Callable:
+        if case.compile_key != self.key:
+            torch._dynamo.reset()
+            self.key = case.compile_key
+            self.fn = torch.compile(case.eager, dynamic=False, mode=self.mode)
+        return self.fn
+
+
+def run_cases(cases: list, args, device: torch.device, threads: int, bench: str) -> list:
+    """Checks and times every case's variants; writes rows to the results CSV.
+    Returns the rows."""
+    dev_name = timing.device_name(device, threads)
+    peak = timing.peak_gbps(device, args.peak_gbps)
+    results = timing.ResultsCSV(args.out, dev_name, bench, fresh=args.fresh)
+    backends = convkernels_backends(args, device)
+    compiler = None if args.no_compile else CompileCache(args.compile_mode)
+    compile_name = "compile" if not args.compile_mode else f"compile-{args.compile_mode}"
+    progress = timing.Progress(bench, len(cases))
+    print(f"[{bench}] {len(cases)} cases on {dev_name}; convkernels backends: "
+          + ", ".join(f"{b}->{resolved(b, device)}" for b in backends)
+          + f"; results -> {results.path}", file=sys.stderr)
+    rows = []
+    for case in cases:
+        progress.start(case.case)
+        # Reference outputs and state.
+        ref_inp = case.make_inputs()
+        ref_out = _step(case, case.eager, ref_inp)
+        variants = [("eager", "", case.eager, None)]
+        if compiler is not None:
+            variants.append((compile_name, "", compiler.get(case), None))
+        for b in backends:
+            variants.append((f"convkernels-{b}", resolved(b, device), case.fused, b))
+        # Correctness once per case, before timing (compiles the compile variant).
+        timed = []
+        for name, be, f, b in variants:
+            note = case.note
+            if name != "eager":
+                t0 = time.perf_counter()
+                with force_backend(b) if b else contextlib.nullcontext():
+                    msg = _check(case, name, f, ref_out, ref_inp)
+                if msg and b:
+                    raise AssertionError(msg)
+                if msg:  # torch.compile differing from eager is worth a note, not a stop
+                    print(f"warning: {msg}", file=sys.stderr)
+                    note = (note + "; " if note else "") + "MISMATCH vs eager"
+                if name.startswith("compile"):
+                    note = (note + "; " if note else "") + f"first call {time.perf_counter() - t0:.1f}s"
+            timed.append((name, be, f, b, note))
+        del ref_out, ref_inp
+        # Timing: the variants take turns, ``rounds`` times, so that a change of
+        # machine load hits all of them alike; the quantiles pool every round.
+        inp = case.make_inputs()
+        rounds = max(1, args.rounds)
+        mrt = args.min_run_time or (0.1 if device.type == "cuda" else 0.15)
+        times = {t[0]: [] for t in timed}
+        extra = {}
+        for rnd in range(rounds):
+            for name, be, f, b, note in timed:
+                with force_backend(b) if b else contextlib.nullcontext():
+                    st = timing.measure(lambda: _step(case, f, inp), device, min_run_time=mrt,
+                                        threads=threads, raw=True, warmup=3 if rnd == 0 else 1,
+                                        min_samples=max(2, 6 // rounds))
+                times[name] += st["times_s"]
+                extra[name] = st.get("peak_mem_mb")
+        eager_ms = None
+        summary = []
+        for name, be, f, b, note in timed:
+            stats = timing.summarize(times[name])
+            stats["peak_mem_mb"] = extra[name]
+            if name == "eager":
+                eager_ms = stats["median_ms"]
+            row = timing.make_row(bench, case.case, name, stats, backend=be, nbytes=case.nbytes,
+                                  flops=case.flops, eager_ms=eager_ms, peak=peak, device=dev_name,
+                                  threads=threads if device.type == "cpu" else None, note=note)
+            results.add(row)
+            rows.append(row)
+            summary.append(f"{name} {stats['median_ms']:.3f}ms"
+                           + (f" x{eager_ms / stats['median_ms']:.2f}" if name != "eager" else ""))
+        progress.step(f"{case.case}: " + ", ".join(summary))
+    print(f"[{bench}] done in {progress.elapsed():.0f}s -> {results.path}", file=sys.stderr)
+    return rows
+
+
+def randn(shape, dtype, device, layout, *, scale=1.0, shift=0.0, gen=None) -> torch.Tensor:
+    t = torch.randn(shape, generator=gen, dtype=torch.float32, device="cpu") * scale + shift
+    return timing.to_layout(t.to(device=device, dtype=dtype), layout)

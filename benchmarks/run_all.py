@@ -1,0 +1,139 @@
+"""Runs every op benchmark, then plots the speedups.
+
+    PYTHONPATH=. python benchmarks/run_all.py            # quick: headline + 3 model shapes
+    PYTHONPATH=. python benchmarks/run_all.py --full     # every ResNet-50 / DenseNet-121 BN shape
+    PYTHONPATH=. python benchmarks/run_all.py --plot-only
+
+Every option of the bench scripts is passed on to them (see ``--help`` of
+bench_bn_act.py); ``--benches`` picks a subset. The plot goes to
+``<out>/<device>.png``: per bench, bars of speedup vs eager per case and variant,
+whiskers from the variant's p20/p80 (eager median / variant p80 .. / p20).
+With more than ``--plot-max-cases`` cases a bench is summarised per
+(layout, dtype, op, mode, direction): bar = geometric mean over shapes, whiskers
+= min / max over shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
+
+BENCHES = OrderedDict([("bn_act", "bench_bn_act"), ("add_act", "bench_add_act")])
+
+
+def plot(csv_path: str, png_path: str, max_cases: int = 80, benches=None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["variant"] != "eager" and r["speedup_vs_eager"]]
+    if benches:
+        rows = [r for r in rows if r["bench"] in benches]
+    eager = {}
+    with open(csv_path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["variant"] == "eager":
+                eager[(r["bench"], r["case"])] = float(r["median_ms"])
+    by_bench = OrderedDict()
+    for r in rows:
+        by_bench.setdefault(r["bench"], []).append(r)
+    if not by_bench:
+        raise SystemExit(f"no rows to plot in {csv_path}")
+
+    panels = []
+    for bench, rs in by_bench.items():
+        variants = list(OrderedDict.fromkeys(r["variant"] for r in rs))
+        cases = list(OrderedDict.fromkeys(r["case"] for r in rs))
+        data = {}  # (label, variant) -> (value, lo, hi)
+        if len(cases) <= max_cases:
+            labels = cases
+            for r in rs:
+                e = eager[(bench, r["case"])]
+                data[(r["case"], r["variant"])] = (
+                    float(r["speedup_vs_eager"]), e / float(r["p80_ms"]), e / float(r["p20_ms"]))
+            title = f"{bench}: speedup vs eager (whiskers: p20/p80)"
+        else:
+            groups = OrderedDict()
+            for r in rs:
+                g = "/".join(r["case"].split("/")[1:]) + " (geomean)"
+                groups.setdefault((g, r["variant"]), []).append(float(r["speedup_vs_eager"]))
+            labels = list(OrderedDict.fromkeys(g for g, _ in groups))
+            for (g, v), s in groups.items():
+                gm = math.exp(sum(math.log(x) for x in s) / len(s))
+                data[(g, v)] = (gm, min(s), max(s))
+            title = f"{bench}: speedup vs eager, geomean over {len({c.split('/')[0] for c in cases})} shapes (whiskers: min/max)"
+        panels.append((title, labels, variants, data))
+
+    heights = [max(2.5, 0.12 * len(l) * max(len(v), 1) + 1.2) for _, l, v, _ in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (title, labels, variants, data) in zip(axes[:, 0], panels):
+        nv = len(variants)
+        bar_h = 0.8 / nv
+        for i, v in enumerate(variants):
+            ys, xs, lo, hi = [], [], [], []
+            for j, lab in enumerate(labels):
+                if (lab, v) in data:
+                    val, l, h = data[(lab, v)]
+                    ys.append(j + (i - (nv - 1) / 2) * bar_h)
+                    xs.append(val)
+                    lo.append(max(val - l, 0))
+                    hi.append(max(h - val, 0))
+            # Bars grow from 1x (left for slowdowns, right for speedups).
+            ax.barh(ys, [x - 1.0 for x in xs], left=1.0, height=bar_h, label=v)
+            ax.errorbar(xs, ys, xerr=[lo, hi], fmt="none", ecolor="k", elinewidth=0.6, capsize=1.5)
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.set_xlabel("speedup vs eager (x, log2)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(os.path.basename(csv_path)[:-4], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
+    ap.add_argument("--benches", default=",".join(BENCHES), help="comma list of " + ",".join(BENCHES))
+    ap.add_argument("--plot-only", action="store_true", help="only redraw the plot from the CSV")
+    ap.add_argument("--plot-max-cases", type=int, default=80)
+    own, rest = ap.parse_known_args(argv)
+    # The shared options, parsed once to learn the device and the output dir.
+    common = timing.common_args(argparse.ArgumentParser(add_help=False)).parse_args(rest)
+    device, threads = timing.setup(common)
+    dev_name = timing.device_name(device, threads)
+    benches = [b.strip() for b in own.benches.split(",") if b.strip()]
+    t0 = time.perf_counter()
+    if not own.plot_only:
+        import importlib
+
+        for b in benches:
+            if b not in BENCHES:
+                raise SystemExit(f"unknown bench {b!r}; expected one of {list(BENCHES)}")
+            importlib.import_module(BENCHES[b]).main(rest)
+        print(f"[run_all] benches done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    csv_path = os.path.join(common.out, f"{dev_name}.csv")
+    png = plot(csv_path, os.path.join(common.out, f"{dev_name}.png"), own.plot_max_cases, benches)
+    print(f"[run_all] {csv_path}\n[run_all] {png}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
