@@ -32,14 +32,14 @@ test: build
 	$(PYTHON) -m pytest tests -q
 
 bench: build
-	$(PYTHON) -m benchmarks.run_all --out $(OUT)
+	$(PYTHON) benchmarks/run_all.py --out $(OUT)
 
 # The lent GPU machine has torch but no package registry and no venv.
 gpu:
 	python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
 	python3 -m convkernels info | tee $(OUT)/info.txt
 	python3 -m pytest tests -q -x 2>&1 | tee $(OUT)/gpu-tests.txt | tail -30
-	python3 -m benchmarks.run_all --full --out $(OUT)
+	python3 benchmarks/run_all.py --full --out $(OUT)
 
 clean:
 	rm -rf build *.egg-info convkernels/_C*.so $(VENV)/.built

@@ -16,7 +16,6 @@ Ideal bytes, E = element size, M = N*C*H*W:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -60,54 +59,33 @@ def make_base(shape, layout, dtype, device) -> dict:
 
 def build_cases(args, device) -> list:
     cases = []
-    base_cache = {}
-    for entry in shapes_mod.select(args):
-        shape = tuple(entry["shape"])
-        numel = 1
-        for d in shape:
-            numel *= d
-        for layout in timing.parse_layouts(args):
-            for dtype in timing.parse_dtypes(args, device):
-                key = (shape, layout, dtype)
+    entries = [tuple(e["shape"]) for e in shapes_mod.select(args)]
+    for shape, layout, dtype, base in common.case_grid(entries, args, device, make_base):
+        numel = common.numel(shape)
+        for op in OPS:
+            sd = op == "add_relu_sd"
+            names = ["x", "residual", "grad_y"] + (["scale"] if sd else [])
+            for direction in DIRECTIONS:
+                def make_inputs(base=base, names=names):
+                    return common.clone_inputs(base(), names, ("x", "residual"))
 
-                def base(key=key):
-                    if key not in base_cache:
-                        base_cache.clear()
-                        base_cache[key] = make_base(*key, device)
-                    return base_cache[key]
-
-                for op in OPS:
-                    sd = op == "add_relu_sd"
-                    names = ["x", "residual", "grad_y"] + (["scale"] if sd else [])
-                    for direction in DIRECTIONS:
-                        def make_inputs(base=base, names=names):
-                            b = base()
-                            inp = {n: b[n].clone() for n in names}
-                            inp["x"].requires_grad_(True)
-                            inp["residual"].requires_grad_(True)
-                            return inp
-
-                        esize = torch.empty((), dtype=dtype).element_size()
-                        nbytes = (3 + (5 if direction == "fwd+bwd" else 0)) * numel * esize
-                        case = "/".join([timing.shape_str(shape), layout, timing.DTYPE_NAMES[dtype],
-                                         op, "train", direction])
-                        cases.append(common.Case(
-                            bench=BENCH, case=case, make_inputs=make_inputs,
-                            eager=eager_add_sd if sd else eager_add, fused=fused_add,
-                            direction=direction, grad_mode=True, nbytes=nbytes, dtype=dtype,
-                            diff=("x", "residual"), compile_key=(shape, layout, dtype, op),
-                            note="bytes: fwd R(x,r)+W(y)"
-                                 + ("; bwd R(gy,x,r)+W(gx,gr)" if direction == "fwd+bwd" else ""),
-                        ))
+                esize = torch.empty((), dtype=dtype).element_size()
+                nbytes = (3 + (5 if direction == "fwd+bwd" else 0)) * numel * esize
+                case = "/".join([timing.shape_str(shape), layout, timing.DTYPE_NAMES[dtype],
+                                 op, "train", direction])
+                cases.append(common.Case(
+                    bench=BENCH, case=case, make_inputs=make_inputs,
+                    eager=eager_add_sd if sd else eager_add, fused=fused_add,
+                    direction=direction, grad_mode=True, nbytes=nbytes, dtype=dtype,
+                    diff=("x", "residual"), compile_key=(shape, layout, dtype, op),
+                    note="bytes: fwd R(x,r)+W(y)"
+                         + ("; bwd R(gy,x,r)+W(gx,gr)" if direction == "fwd+bwd" else ""),
+                ))
     return cases
 
 
 def main(argv=None) -> list:
-    ap = timing.common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    args = ap.parse_args(argv)
-    device, threads = timing.setup(args)
-    cases = build_cases(args, device)
-    return common.run_cases(cases, args, device, threads, BENCH)
+    return common.bench_main(__doc__.splitlines()[0], BENCH, build_cases, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Ideal bytes (GB/s = bytes / median time), E = element size, M = N*C*H*W:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -37,28 +36,14 @@ MODES = [("train", "fwd"), ("train", "fwd+bwd"), ("eval", "fwd")]
 OPS = ["bn_relu", "bn_add_relu"]
 
 
-def eager_train(inp):
-    z = F.batch_norm(inp["x"], inp["running_mean"], inp["running_var"], inp["weight"],
-                     inp["bias"], True, MOMENTUM, EPS)
-    return F.relu(z)
-
-
-def eager_train_res(inp):
-    z = F.batch_norm(inp["x"], inp["running_mean"], inp["running_var"], inp["weight"],
-                     inp["bias"], True, MOMENTUM, EPS)
-    return F.relu(z + inp["residual"])
-
-
-def eager_eval(inp):
-    z = F.batch_norm(inp["x"], inp["running_mean"], inp["running_var"], inp["weight"],
-                     inp["bias"], False, MOMENTUM, EPS)
-    return F.relu(z)
-
-
-def eager_eval_res(inp):
-    z = F.batch_norm(inp["x"], inp["running_mean"], inp["running_var"], inp["weight"],
-                     inp["bias"], False, MOMENTUM, EPS)
-    return F.relu(z + inp["residual"])
+def _eager(training, res):
+    """``relu(batch_norm(x) [+ residual])`` with batch (train) or running (eval) stats."""
+    def eager(inp):
+        z = F.batch_norm(inp["x"], inp["running_mean"], inp["running_var"], inp["weight"],
+                         inp["bias"], training, MOMENTUM, EPS)
+        return F.relu(z + inp["residual"] if res else z)
+    eager.__name__ = f"eager_{'train' if training else 'eval'}{'_res' if res else ''}"
+    return eager
 
 
 def _fused(training):
@@ -69,8 +54,8 @@ def _fused(training):
     return fused
 
 
-EAGER = {("train", False): eager_train, ("train", True): eager_train_res,
-         ("eval", False): eager_eval, ("eval", True): eager_eval_res}
+EAGER = {(mode, res): _eager(mode == "train", res) for mode in ("train", "eval")
+         for res in (False, True)}
 FUSED = {"train": _fused(True), "eval": _fused(False)}
 
 
@@ -90,63 +75,43 @@ def make_base(shape, layout, dtype, device) -> dict:
 
 def build_cases(args, device) -> list:
     cases = []
-    base_cache = {}
-    for entry in shapes_mod.select(args):
-        shape = tuple(entry["shape"])
-        numel = 1
-        for d in shape:
-            numel *= d
-        for layout in timing.parse_layouts(args):
-            for dtype in timing.parse_dtypes(args, device):
-                key = (shape, layout, dtype)
+    entries = [tuple(e["shape"]) for e in shapes_mod.select(args)]
+    for shape, layout, dtype, base in common.case_grid(entries, args, device, make_base):
+        numel = common.numel(shape)
+        for op in OPS:
+            res = op == "bn_add_relu"
+            for mode, direction in MODES:
+                train = mode == "train"
+                diff = ("x", "weight", "bias") + (("residual",) if res else ())
+                names = ["x", "weight", "bias", "running_mean", "running_var", "grad_y"] + (
+                    ["residual"] if res else [])
 
-                def base(key=key):
-                    if key not in base_cache:
-                        base_cache.clear()  # one shape's tensors alive at a time
-                        base_cache[key] = make_base(*key, device)
-                    return base_cache[key]
+                grads = diff if direction == "fwd+bwd" or (train and direction == "fwd") else ()
 
-                for op in OPS:
-                    res = op == "bn_add_relu"
-                    for mode, direction in MODES:
-                        train = mode == "train"
-                        diff = ("x", "weight", "bias") + (("residual",) if res else ())
-                        names = ["x", "weight", "bias", "running_mean", "running_var", "grad_y"] + (
-                            ["residual"] if res else [])
+                def make_inputs(base=base, names=names, grads=grads):
+                    return common.clone_inputs(base(), names, grads)
 
-                        def make_inputs(base=base, names=names, diff=diff, direction=direction):
-                            b = base()
-                            inp = {n: b[n].clone() for n in names}
-                            if direction == "fwd+bwd" or (train and direction == "fwd"):
-                                for n in diff:
-                                    inp[n].requires_grad_(True)
-                            return inp
-
-                        e = timing.DTYPE_NAMES[dtype]
-                        esize = torch.empty((), dtype=dtype).element_size()
-                        fwd_b = (3 if res else 2) * numel * esize
-                        bwd_b = (5 if res else 3) * numel * esize
-                        nbytes = fwd_b + (bwd_b if direction == "fwd+bwd" else 0)
-                        case = "/".join([timing.shape_str(shape), layout, e, op, mode, direction])
-                        cases.append(common.Case(
-                            bench=BENCH, case=case, make_inputs=make_inputs,
-                            eager=EAGER[(mode, res)], fused=FUSED[mode],
-                            direction=direction, grad_mode=train, nbytes=nbytes, dtype=dtype,
-                            diff=diff, state=("running_mean", "running_var") if train else (),
-                            compile_key=(shape, layout, dtype, op, mode),
-                            note="bytes: fwd R(x" + (",r" if res else "") + ")+W(y)"
-                                 + ("; bwd R(gy,x" + (",r" if res else "") + ")+W(gx"
-                                    + (",gr" if res else "") + ")" if direction == "fwd+bwd" else ""),
-                        ))
+                e = timing.DTYPE_NAMES[dtype]
+                esize = torch.empty((), dtype=dtype).element_size()
+                fwd_b = (3 if res else 2) * numel * esize
+                bwd_b = (5 if res else 3) * numel * esize
+                nbytes = fwd_b + (bwd_b if direction == "fwd+bwd" else 0)
+                case = "/".join([timing.shape_str(shape), layout, e, op, mode, direction])
+                cases.append(common.Case(
+                    bench=BENCH, case=case, make_inputs=make_inputs,
+                    eager=EAGER[(mode, res)], fused=FUSED[mode],
+                    direction=direction, grad_mode=train, nbytes=nbytes, dtype=dtype,
+                    diff=diff, state=("running_mean", "running_var") if train else (),
+                    compile_key=(shape, layout, dtype, op, mode),
+                    note="bytes: fwd R(x" + (",r" if res else "") + ")+W(y)"
+                         + ("; bwd R(gy,x" + (",r" if res else "") + ")+W(gx"
+                            + (",gr" if res else "") + ")" if direction == "fwd+bwd" else ""),
+                ))
     return cases
 
 
 def main(argv=None) -> list:
-    ap = timing.common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    args = ap.parse_args(argv)
-    device, threads = timing.setup(args)
-    cases = build_cases(args, device)
-    return common.run_cases(cases, args, device, threads, BENCH)
+    return common.bench_main(__doc__.splitlines()[0], BENCH, build_cases, argv)
 
 
 if __name__ == "__main__":

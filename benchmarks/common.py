@@ -249,6 +249,61 @@ def run_cases(cases: list, args, device: torch.device, threads: int, bench: str)
     return rows
 
 
+def case_grid(entries, args, device: torch.device, make_base: Callable, layouts=None, dtypes=None):
+    """Yields ``(entry, layout, dtype, base)`` for every entry x layout x dtype.
+
+    ``base()`` returns ``make_base(entry, layout, dtype, device)`` (the random
+    tensors the cases of that triple clone), built on first use; only one
+    triple's tensors are alive at a time. ``layouts`` / ``dtypes`` default to
+    the ``--layouts`` / ``--dtypes`` options.
+    """
+    cache: dict = {}
+    layouts = timing.parse_layouts(args) if layouts is None else layouts
+    dtypes = timing.parse_dtypes(args, device) if dtypes is None else dtypes
+    for entry in entries:
+        for layout in layouts:
+            for dtype in dtypes:
+                key = (entry, layout, dtype)
+
+                def base(key=key):
+                    if key not in cache:
+                        cache.clear()  # one triple's tensors alive at a time
+                        cache[key] = make_base(*key, device)
+                    return cache[key]
+
+                yield entry, layout, dtype, base
+
+
+def clone_inputs(base: dict, names, requires_grad=()) -> dict:
+    """Fresh clones of ``base[n]`` for n in names; those in ``requires_grad`` require grad."""
+    inp = {n: base[n].clone() for n in names}
+    for n in requires_grad:
+        inp[n].requires_grad_(True)
+    return inp
+
+
+def bench_main(description: str, bench: str, build_cases: Callable, argv=None,
+               add_args: Optional[Callable] = None) -> list:
+    """A bench script's ``main``: shared options (plus ``add_args(parser)``), setup,
+    ``build_cases(args, device)``, :func:`run_cases`. Returns the rows."""
+    import argparse
+
+    ap = timing.common_args(argparse.ArgumentParser(description=description))
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args(argv)
+    device, threads = timing.setup(args)
+    cases = build_cases(args, device)
+    return run_cases(cases, args, device, threads, bench)
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def randn(shape, dtype, device, layout, *, scale=1.0, shift=0.0, gen=None) -> torch.Tensor:
     t = torch.randn(shape, generator=gen, dtype=torch.float32, device="cpu") * scale + shift
     return timing.to_layout(t.to(device=device, dtype=dtype), layout)

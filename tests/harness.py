@@ -119,3 +119,29 @@ def to64(t):
     if t is None:
         return None
     return t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+
+
+def check_against_reference(target, dtype, tensors, grad_names, call, call_ref, with_grad,
+                            buffers=("running_mean", "running_var")):
+    """Run ``call`` (on the target backend) and ``call_ref`` (the float64 reference)
+    on copies of the same named ``tensors``; compare outputs, the updated
+    ``buffers`` and, ``with_grad``, the gradients of ``grad_names``."""
+    def leaf(v, k, conv):
+        return None if v is None else conv(v).requires_grad_(with_grad and k in grad_names)
+
+    ours = {k: leaf(v, k, lambda t: t.detach().clone()) for k, v in tensors.items()}
+    ref = {k: leaf(v, k, lambda t: t.detach().to(torch.float64)) for k, v in tensors.items()}
+    with on(target), torch.set_grad_enabled(with_grad):
+        y = call(ours)
+    y_ref = call_ref(ref)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref, dtype, "grad", "out")
+    for name in buffers:
+        assert_close(ours[name], ref[name], dtype, "grad", name)
+    if with_grad:
+        g = make(tuple(y.shape), torch.float64, target.device, seed=42)
+        y.backward(g.to(dtype))
+        y_ref.backward(g)
+        for name in grad_names:
+            if ref.get(name) is not None:
+                assert_close(ours[name].grad, ref[name].grad, dtype, "grad", f"grad {name}")

@@ -7,7 +7,8 @@ from convkernels.ops import reference
 from convkernels.ops._checks import conv_output_size
 
 from conv_configs import CONFIGS, GRADCHECK, IDS
-from harness import TARGET_IDS, TARGETS, assert_close, make, on, requires, to64, vector
+from harness import (TARGET_IDS, TARGETS, assert_close, check_against_reference, make, on, requires,
+                     vector)
 
 GRAD_NAMES = ("x", "bn_weight", "bn_bias", "conv_weight", "conv_bias")
 
@@ -33,25 +34,12 @@ def _call(fn, cfg, t, training, act, **kw):
 
 
 def _compare(target, cfg, tensors, dtype, training, act, with_grad, stats=False):
-    ours = {k: (v.clone().requires_grad_(with_grad and k in GRAD_NAMES) if v is not None else None)
-            for k, v in tensors.items()}
-    ref = {k: (to64(v.requires_grad_(with_grad and k in GRAD_NAMES)) if v is not None else None)
-           for k, v in tensors.items()}
-    with on(target), torch.set_grad_enabled(with_grad):
-        kw = {"stats": convkernels.ops.batch_stats(ours["x"])} if stats else {}
-        y = _call(convkernels.ops.bn_act_conv, cfg, ours, training, act, **kw)
-    y_ref = _call(reference.bn_act_conv, cfg, ref, training, act)
-    assert y.dtype == dtype and y.shape == y_ref.shape
-    assert_close(y, y_ref, dtype, "grad", "out")
-    assert_close(ours["running_mean"], ref["running_mean"], dtype, "grad", "running_mean")
-    assert_close(ours["running_var"], ref["running_var"], dtype, "grad", "running_var")
-    if with_grad:
-        g = make(tuple(y.shape), torch.float64, target.device, seed=42)
-        y.backward(g.to(dtype))
-        y_ref.backward(g)
-        for name in GRAD_NAMES:
-            if ref[name] is not None:
-                assert_close(ours[name].grad, ref[name].grad, dtype, "grad", f"grad {name}")
+    def ours(t):
+        kw = {"stats": convkernels.ops.batch_stats(t["x"])} if stats else {}
+        return _call(convkernels.ops.bn_act_conv, cfg, t, training, act, **kw)
+
+    check_against_reference(target, dtype, tensors, GRAD_NAMES, ours,
+                            lambda t: _call(reference.bn_act_conv, cfg, t, training, act), with_grad)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)

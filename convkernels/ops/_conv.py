@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend
-from ._library import dense, memory_format
+from ._library import dense, into, memory_format
 from .primitives import acc_dtype
 
 # oneDNN post-op names of our activations. After a fused residual add oneDNN
@@ -27,13 +27,6 @@ def conv2d(x, weight, bias, stride, padding, dilation, groups):
 
 def _onednn_ok(x) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-
-
-def _into(y, out):
-    if out is None:
-        return y
-    out.copy_(y)
-    return out
 
 
 def conv_act(name, x, weight, bias, stride, padding, dilation, groups, act, residual, out=None):
@@ -53,13 +46,13 @@ def conv_act(name, x, weight, bias, stride, padding, dilation, groups, act, resi
         else:
             y = torch.ops.mkldnn._convolution_pointwise.binary(
                 x, residual, *args, "add", 1.0, _ONEDNN_ACT_AFTER_ADD[act], [], "")
-        return _into(y, out)
+        return into(y, out)
     z = conv2d(x, weight, None, stride, padding, dilation, groups)
     ones = torch.ones(z.size(1), dtype=bias.dtype if bias is not None else torch.float32, device=z.device)
     shift = bias if bias is not None else torch.zeros_like(ones)
     fmt = memory_format(z)
     y = backend.kernels(name).bn_act_apply(dense(z, fmt), ones, shift, dense(residual, fmt), act)
-    return _into(y, out)
+    return into(y, out)
 
 
 def conv_stats(name, x, weight, bias, stride, padding, dilation, groups):
@@ -86,5 +79,5 @@ def act_conv(name, x, scale, shift, act, weight, bias, stride, padding, dilation
             in_act=act, out=out)
         return y
     t = backend.kernels(name).bn_act_apply(dense(x, memory_format(x)), scale, shift, None, act)
-    return _into(conv2d(t, weight, None if bias is None else bias.to(t.dtype), stride, padding,
+    return into(conv2d(t, weight, None if bias is None else bias.to(t.dtype), stride, padding,
                         dilation, groups), out)

@@ -24,3 +24,33 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 def dense(t: Optional[torch.Tensor], fmt: torch.memory_format) -> Optional[torch.Tensor]:
     """``t`` dense in ``fmt`` (no copy when it already is)."""
     return None if t is None else t.contiguous(memory_format=fmt)
+
+
+def define_with_out(name: str, args: str, impl) -> None:
+    """Define the composite op ``name(args) -> Tensor`` and its overload
+    ``name.out(args, *, Tensor(c!) out) -> Tensor(c!)``, both implemented by
+    ``impl(*args, out=None)``."""
+    LIB.define(f"{name}{args}) -> Tensor")
+    LIB.define(f"{name}.out{args}, *, Tensor(c!) out) -> Tensor(c!)")
+    LIB.impl(name, impl, "CompositeImplicitAutograd")
+    LIB.impl(f"{name}.out", lambda *a, out: impl(*a, out=out), "CompositeImplicitAutograd")
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will record an op on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def unpack_grads(grads, mask) -> tuple:
+    """The list a backward op returned (only the gradients set in ``mask``) as a
+    full tuple with None where a gradient was not asked for."""
+    it = iter(grads)
+    return tuple(next(it) if need else None for need in mask)
+
+
+def into(y: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y``, or ``out`` filled with it."""
+    if out is None:
+        return y
+    out.copy_(y)
+    return out

@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import backend
 from . import reference
 from ._checks import check_act, check_input, check_like, check_vector
-from ._library import LIB, dense, memory_format
+from ._library import LIB, dense, memory_format, unpack_grads
 from .primitives import acc_dtype
 
 OP = "add_act"
@@ -70,9 +70,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, residual, scale = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:2])
-    grads = iter(torch.ops.convkernels.add_act_backward(grad_y, x, residual, ctx.act, scale, mask,
-                                                        ctx.impl))
-    gx, gr = (next(grads) if need else None for need in mask)
+    gx, gr = unpack_grads(torch.ops.convkernels.add_act_backward(
+        grad_y, x, residual, ctx.act, scale, mask, ctx.impl), mask)
     return gx, gr, None, None, None
 
 

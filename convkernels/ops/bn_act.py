@@ -28,7 +28,7 @@ from .. import backend
 from . import reference
 from ._checks import check_act, check_bn_args, check_like
 from ._fold import bn_scale_shift
-from ._library import LIB, dense, memory_format
+from ._library import LIB, dense, memory_format, unpack_grads
 from .primitives import acc_dtype
 
 OP = "bn_act"
@@ -140,9 +140,8 @@ def _backward(ctx, grad_y, _grad_mean, _grad_var):
             weight is not None and ctx.needs_input_grad[1],
             bias is not None and ctx.needs_input_grad[2],
             residual is not None and ctx.needs_input_grad[3]]
-    grads = iter(torch.ops.convkernels.bn_act_backward(
-        grad_y, x, weight, bias, residual, mean, var, *ctx.args, mask, ctx.impl))
-    gx, gw, gb, gr = (next(grads) if need else None for need in mask)
+    gx, gw, gb, gr = unpack_grads(torch.ops.convkernels.bn_act_backward(
+        grad_y, x, weight, bias, residual, mean, var, *ctx.args, mask, ctx.impl), mask)
     return gx, gw, gb, gr, None, None, None, None, None, None
 
 

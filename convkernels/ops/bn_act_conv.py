@@ -28,7 +28,7 @@ from ._checks import (check_act, check_bn_args, check_conv_args, check_input, ch
                       check_vector, conv_output_size, pair)
 from ._conv import act_conv
 from ._fold import bn_scale_shift
-from ._library import LIB, memory_format
+from ._library import define_with_out, into, memory_format, needs_grad, unpack_grads
 from . import batch_stats  # noqa: F401  (registers the op)
 from .bn_act import bn_act_grads, update_running_stats  # noqa: F401
 from .primitives import acc_dtype
@@ -131,10 +131,9 @@ def _backward(ctx, grad_y):
     n = ctx.needs_input_grad
     mask = [n[0], n[1], n[2], bn_weight is not None and n[3], bn_bias is not None and n[4], n[7],
             has_cb and n[8]]
-    grads = iter(torch.ops.convkernels.bn_act_conv_backward(
+    gx, gm, gv, gbw, gbb, gcw, gcb = unpack_grads(torch.ops.convkernels.bn_act_conv_backward(
         grad_y, x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, stride, padding, dilation,
-        groups, has_cb, mask, ctx.impl))
-    gx, gm, gv, gbw, gbb, gcw, gcb = (next(grads) if need else None for need in mask)
+        groups, has_cb, mask, ctx.impl), mask)
     return gx, gm, gv, gbw, gbb, None, None, gcw, gcb, None, None, None, None, None
 
 
@@ -146,8 +145,6 @@ _SCHEMA = ("(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor
            "Tensor? bn_bias, bool training, float momentum, float eps, str act, Tensor conv_weight, "
            "Tensor? conv_bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
            "Tensor? stats_mean=None, Tensor? stats_var=None")
-LIB.define("bn_act_conv" + _SCHEMA + ") -> Tensor")
-LIB.define("bn_act_conv.out" + _SCHEMA + ", *, Tensor(c!) out) -> Tensor(c!)")
 
 
 def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, act,
@@ -174,13 +171,9 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
 
     impl = backend.resolve(x.device)
     if impl == "reference":
-        y = reference.bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training,
-                                  momentum, eps, act, conv_weight, conv_bias, stride, padding,
-                                  dilation, groups, stats)
-        if out is None:
-            return y
-        out.copy_(y)
-        return out
+        return into(reference.bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias,
+                                          training, momentum, eps, act, conv_weight, conv_bias,
+                                          stride, padding, dilation, groups, stats), out)
 
     acc = acc_dtype(x.dtype)
     if training:
@@ -194,24 +187,14 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
         mean, var = running_mean.to(acc), running_var.to(acc)
     args = (x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, list(stride),
             list(padding), list(dilation), groups, impl)
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias))
-    if out is not None and not grad:
+    if out is not None and not needs_grad(x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias):
         torch.ops.convkernels.bn_act_conv_out(*args, out)
         return out
-    y = torch.ops.convkernels.bn_act_conv_forward(*args)
-    if out is None:
-        return y
-    out.copy_(y)  # with autograd, out= is a copy: the op's output stays the autograd node
-    return out
+    # With autograd, out= is a copy: the op's output stays the autograd node.
+    return into(torch.ops.convkernels.bn_act_conv_forward(*args), out)
 
 
-def _bn_act_conv_out(*args, out):
-    return _bn_act_conv(*args, out=out)
-
-
-LIB.impl("bn_act_conv", _bn_act_conv, "CompositeImplicitAutograd")
-LIB.impl("bn_act_conv.out", _bn_act_conv_out, "CompositeImplicitAutograd")
+define_with_out("bn_act_conv", _SCHEMA, _bn_act_conv)
 
 
 def bn_act_conv(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -25,7 +25,7 @@ from ._checks import (check_act, check_bn_args, check_conv_args, check_input, ch
                       conv_output_size, pair)
 from ._conv import conv_act, conv_stats
 from ._fold import bn_scale_shift, folded_conv_params
-from ._library import LIB, dense, memory_format
+from ._library import dense, define_with_out, into, memory_format, needs_grad, unpack_grads
 from .bn_act import bn_act_grads, update_running_stats  # noqa: F401  (registers the op)
 from .primitives import acc_dtype
 
@@ -163,10 +163,9 @@ def _backward(ctx, grad_y, _gz, _gm, _gv):
     n = ctx.needs_input_grad
     mask = [n[0], n[1], has_cb and n[2], bn_weight is not None and n[3],
             bn_bias is not None and n[4], residual is not None and n[14]]
-    grads = iter(torch.ops.convkernels.conv_bn_act_backward(
+    gx, gcw, gcb, gbw, gbb, gr = unpack_grads(torch.ops.convkernels.conv_bn_act_backward(
         grad_y, x, conv_weight, z, bn_weight, bn_bias, residual, mean, var, training, eps, stride,
-        padding, dilation, groups, act, has_cb, mask, ctx.impl))
-    gx, gcw, gcb, gbw, gbb, gr = (next(grads) if need else None for need in mask)
+        padding, dilation, groups, act, has_cb, mask, ctx.impl), mask)
     return gx, gcw, gcb, gbw, gbb, None, None, None, None, None, None, None, None, None, gr, None
 
 
@@ -178,13 +177,6 @@ _SCHEMA = ("(Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor(a!)? runnin
            "Tensor(b!)? running_var, Tensor? bn_weight, Tensor? bn_bias, bool training, "
            "float momentum, float eps, int[2] stride, int[2] padding, int[2] dilation, int groups, "
            "str act, Tensor? residual")
-LIB.define("conv_bn_act" + _SCHEMA + ") -> Tensor")
-LIB.define("conv_bn_act.out" + _SCHEMA + ", *, Tensor(c!) out) -> Tensor(c!)")
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
 
 def _conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,
                  training, momentum, eps, stride, padding, dilation, groups, act, residual,
@@ -206,7 +198,7 @@ def _conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight
         y = reference.conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight,
                                   bn_bias, training, momentum, eps, stride, padding, dilation,
                                   groups, act, residual)
-    elif not training and not _needs_grad(*params):
+    elif not training and not needs_grad(*params):
         args = (x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps,
                 list(stride), list(padding), list(dilation), groups, act, residual, impl)
         if out is not None:
@@ -220,19 +212,11 @@ def _conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight
         if training and running_mean is not None:
             torch.ops.convkernels.update_running_stats(
                 running_mean, running_var, mean, var, momentum, shape[0] * shape[2] * shape[3])
-    if out is None:
-        return y
     # With autograd, out= is a copy: the op's own output stays the autograd node.
-    out.copy_(y)
-    return out
+    return into(y, out)
 
 
-def _conv_bn_act_out(*args, out):
-    return _conv_bn_act(*args, out=out)
-
-
-LIB.impl("conv_bn_act", _conv_bn_act, "CompositeImplicitAutograd")
-LIB.impl("conv_bn_act.out", _conv_bn_act_out, "CompositeImplicitAutograd")
+define_with_out("conv_bn_act", _SCHEMA, _conv_bn_act)
 
 
 def conv_bn_act(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],

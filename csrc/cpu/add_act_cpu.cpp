@@ -18,17 +18,31 @@ namespace {
 
 using at::Tensor;
 
-// Per-sample scale pointer; `ones` backs scale = None.
-template <typename M>
-const M* sample_scale(const char* op, const std::optional<Tensor>& scale, const Layout& L,
-                      at::ScalarType acc_t, std::vector<M>& ones) {
-  const Tensor* s = opt_ptr(scale);
-  if (s != nullptr) {
+// Runs the kernel make(A) (A: the activation as an integral_constant) over the
+// elements of L with P[0] = scale[n] (1 where scale is None).
+template <typename scalar_t, typename Make>
+void add_act_map(const char* op, const std::optional<Tensor>& scale, const Layout& L,
+                 at::ScalarType acc_t, Act a, const Make& make) {
+  using M = opmath_t<scalar_t>;
+  std::vector<M> ones;  // backs scale = None
+  const M* sp;
+  if (const Tensor* s = opt_ptr(scale)) {
     check_vec(op, "scale", *s, L.N, acc_t);
-    return s->const_data_ptr<M>();
+    sp = s->const_data_ptr<M>();
+  } else {
+    ones.assign(std::max<int64_t>(L.N, 1), M(1));
+    sp = ones.data();
   }
-  ones.assign(std::max<int64_t>(L.N, 1), M(1));
-  return ones.data();
+  const std::array<const M*, 1> samp{sp};
+  dispatch_act(a, [&](auto A) {
+    channel_map<M>(L, std::array<const M*, 0>{}, samp, make(A), want_stream(L, sizeof(scalar_t)));
+  });
+}
+
+// z = residual + scale[n] * x, with P[0] = scale[n].
+template <typename io, typename T, typename N, typename V>
+inline V add_z(const T* xp, const T* rp, int64_t off, N n, const V* P) {
+  return at::vec::fmadd(io::load(xp + off, n), P[0], io::load(rp + off, n));
 }
 
 // y = act(residual + scale[n] * x)
@@ -40,20 +54,13 @@ Tensor add_act_forward_cpu(const Tensor& x, const Tensor& residual,
   const Act a = act_of(act);
   Tensor y = at::empty_like(x);
   CK_DISPATCH(x.scalar_type(), "add_act_forward", [&] {
-    using M = opmath_t<scalar_t>;
-    using V = Vectorized<M>;
-    using io = IO<scalar_t>;
-    std::vector<M> ones;
-    const std::array<const M*, 1> samp{sample_scale<M>(op, scale, L, acc_t, ones)};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = residual.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    dispatch_act(a, [&](auto A) {
-      constexpr Act kA = decltype(A)::value;
-      channel_map<M>(L, std::array<const M*, 0>{}, samp, [=](int64_t off, auto n, const V* P) {
-        const V z = at::vec::fmadd(io::load(xp + off, n), P[0], io::load(rp + off, n));
-        io::store(yp + off, vact_forward<kA>(z), n);
-      }, want_stream(L, sizeof(scalar_t)));
+    add_act_map<scalar_t>(op, scale, L, acc_t, a, [=](auto A) {
+      return [=](int64_t off, auto n, const V* P) {
+        io::store(yp + off, vact_forward<decltype(A)::value>(add_z<io>(xp, rp, off, n, P)), n);
+      };
     });
   });
   return y;
@@ -69,34 +76,26 @@ std::tuple<Tensor, Tensor> add_act_backward_cpu(const Tensor& grad_y, const Tens
   const Layout L = check_layout(op, x, {&grad_y, &residual});
   const auto acc_t = acc_scalar_type(x.scalar_type());
   const Act a = act_of(act);
-  Tensor grad_x = need_grad_x ? at::empty_like(x) : Tensor();
-  Tensor grad_r = need_grad_residual ? at::empty_like(x) : Tensor();
-  if (!need_grad_x && !need_grad_residual) return {grad_x, grad_r};
+  GradOutputs out(x, need_grad_x, need_grad_residual);
+  if (out.none()) return out.tuple();
   CK_DISPATCH(x.scalar_type(), "add_act_backward", [&] {
-    using M = opmath_t<scalar_t>;
-    using V = Vectorized<M>;
-    using io = IO<scalar_t>;
-    std::vector<M> ones;
-    const std::array<const M*, 1> samp{sample_scale<M>(op, scale, L, acc_t, ones)};
     const scalar_t* gp = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = residual.const_data_ptr<scalar_t>();
-    scalar_t* gxp = need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* grp = need_grad_residual ? grad_r.mutable_data_ptr<scalar_t>() : nullptr;
-    dispatch_act(a, [&](auto A) {
-      constexpr Act kA = decltype(A)::value;
-      channel_map<M>(L, std::array<const M*, 0>{}, samp, [=](int64_t off, auto n, const V* P) {
+    scalar_t* gxp = out.x_ptr<scalar_t>();
+    scalar_t* grp = out.r_ptr<scalar_t>();
+    add_act_map<scalar_t>(op, scale, L, acc_t, a, [=](auto A) {
+      return [=](int64_t off, auto n, const V* P) {
+        constexpr Act kA = decltype(A)::value;
         V gz = io::load(gp + off, n);
-        if constexpr (kA != Act::kIdentity) {
-          const V z = at::vec::fmadd(io::load(xp + off, n), P[0], io::load(rp + off, n));
-          gz = vact_grad_mul<kA>(z, gz);
-        }
+        if constexpr (kA != Act::kIdentity)
+          gz = vact_grad_mul<kA>(add_z<io>(xp, rp, off, n, P), gz);
         if (gxp) io::store(gxp + off, gz * P[0], n);
         if (grp) io::store(grp + off, gz, n);
-      }, want_stream(L, sizeof(scalar_t)));
+      };
     });
   });
-  return {grad_x, grad_r};
+  return out.tuple();
 }
 
 }  // namespace

@@ -22,6 +22,15 @@ namespace {
 
 using at::Tensor;
 
+// The BN pre-activation z = x * scale[c] + shift[c] (+ residual), with
+// P[0] = scale[c], P[1] = shift[c]; the residual is read only when kR.
+template <bool kR, typename io, typename T, typename N, typename V>
+inline V bn_z(const V& xv, const T* rp, int64_t off, N n, const V* P) {
+  V z = at::vec::fmadd(xv, P[0], P[1]);
+  if constexpr (kR) z = z + io::load(rp + off, n);
+  return z;
+}
+
 // mean and biased variance per channel. Sums of x - s[c] and (x - s[c])^2 in
 // double, with s[c] = x[0, c, 0, 0] (shifted sums: no cancellation when the
 // mean is large compared to the spread).
@@ -31,9 +40,6 @@ std::tuple<Tensor, Tensor> channel_stats_cpu(const Tensor& x) {
   Tensor mean = at::empty({L.C}, x.options().dtype(acc_t));
   Tensor var = at::empty({L.C}, x.options().dtype(acc_t));
   CK_DISPATCH(x.scalar_type(), "channel_stats", [&] {
-    using M = opmath_t<scalar_t>;
-    using V = Vectorized<M>;
-    using io = IO<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     M* mp = mean.mutable_data_ptr<M>();
     M* vp = var.mutable_data_ptr<M>();
@@ -72,23 +78,17 @@ Tensor bn_act_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shif
   const Act a = act_of(act);
   Tensor y = at::empty_like(x);
   CK_DISPATCH(x.scalar_type(), "bn_act_apply", [&] {
-    using M = opmath_t<scalar_t>;
-    using V = Vectorized<M>;
-    using io = IO<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = res ? res->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const std::array<const M*, 2> chan{scale.const_data_ptr<M>(), shift.const_data_ptr<M>()};
-    dispatch_act(a, [&](auto A) {
+    dispatch_act_bool(a, res != nullptr, [&](auto A, auto R) {
       constexpr Act kA = decltype(A)::value;
-      dispatch_bool(res != nullptr, [&](auto R) {
-        constexpr bool kR = decltype(R)::value;
-        channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
-          V z = at::vec::fmadd(io::load(xp + off, n), P[0], P[1]);
-          if constexpr (kR) z = z + io::load(rp + off, n);
-          io::store(yp + off, vact_forward<kA>(z), n);
-        }, want_stream(L, sizeof(scalar_t)));
-      });
+      constexpr bool kR = decltype(R)::value;
+      channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
+        const V z = bn_z<kR, io>(io::load(xp + off, n), rp, off, n, P);
+        io::store(yp + off, vact_forward<kA>(z), n);
+      }, want_stream(L, sizeof(scalar_t)));
     });
   });
   return y;
@@ -111,29 +111,21 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce_cpu(const Tensor& grad_y, cons
   Tensor sum_gz = at::empty({L.C}, x.options().dtype(acc_t));
   Tensor sum_gz_xc = at::empty({L.C}, x.options().dtype(acc_t));
   CK_DISPATCH(x.scalar_type(), "bn_act_backward_reduce", [&] {
-    using M = opmath_t<scalar_t>;
-    using V = Vectorized<M>;
-    using io = IO<scalar_t>;
     const scalar_t* gp = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = res ? res->const_data_ptr<scalar_t>() : nullptr;
     const std::array<const M*, 3> chan{scale.const_data_ptr<M>(), shift.const_data_ptr<M>(),
                                        center.const_data_ptr<M>()};
     std::vector<double> s;
-    dispatch_act(a, [&](auto A) {
+    dispatch_act_bool(a, res != nullptr, [&](auto A, auto R) {
       constexpr Act kA = decltype(A)::value;
-      dispatch_bool(res != nullptr, [&](auto R) {
-        constexpr bool kR = decltype(R)::value;
-        s = channel_reduce<2>(L, chan, [=](int64_t off, auto n, const V* P) {
-          const V xv = io::load(xp + off, n);
-          V gz = io::load(gp + off, n);
-          if constexpr (kA != Act::kIdentity) {
-            V z = at::vec::fmadd(xv, P[0], P[1]);
-            if constexpr (kR) z = z + io::load(rp + off, n);
-            gz = vact_grad_mul<kA>(z, gz);
-          }
-          return std::array<V, 2>{gz, gz * (xv - P[2])};
-        });
+      constexpr bool kR = decltype(R)::value;
+      s = channel_reduce<2>(L, chan, [=](int64_t off, auto n, const V* P) {
+        const V xv = io::load(xp + off, n);
+        V gz = io::load(gp + off, n);
+        if constexpr (kA != Act::kIdentity)
+          gz = vact_grad_mul<kA>(bn_z<kR, io>(xv, rp, off, n, P), gz);
+        return std::array<V, 2>{gz, gz * (xv - P[2])};
       });
     });
     M* p1 = sum_gz.mutable_data_ptr<M>();
@@ -163,54 +155,42 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply_cpu(
     check_vec(op, "k3", k3, L.C, acc_t);
   }
   const Act a = act_of(act);
-  Tensor grad_x = need_grad_x ? at::empty_like(x) : Tensor();
-  Tensor grad_r = need_grad_residual ? at::empty_like(x) : Tensor();
-  if (!need_grad_x && !need_grad_residual) return {grad_x, grad_r};
+  GradOutputs out(x, need_grad_x, need_grad_residual);
+  if (out.none()) return out.tuple();
   CK_DISPATCH(x.scalar_type(), "bn_act_backward_apply", [&] {
-    using M = opmath_t<scalar_t>;
-    using V = Vectorized<M>;
-    using io = IO<scalar_t>;
     const scalar_t* gp = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = res ? res->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gxp = need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* grp = need_grad_residual ? grad_r.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxp = out.x_ptr<scalar_t>();
+    scalar_t* grp = out.r_ptr<scalar_t>();
     const M* sc = scale.const_data_ptr<M>();
     const M* sh = shift.const_data_ptr<M>();
-    dispatch_act(a, [&](auto A) {
+    dispatch_act_bool(a, res != nullptr, [&](auto A, auto R) {
       constexpr Act kA = decltype(A)::value;
-      dispatch_bool(res != nullptr, [&](auto R) {
-        constexpr bool kR = decltype(R)::value;
-        if (need_grad_x) {
-          const std::array<const M*, 5> chan{sc, sh, k1.const_data_ptr<M>(),
-                                             k2.const_data_ptr<M>(), k3.const_data_ptr<M>()};
-          channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
-            const V xv = io::load(xp + off, n);
-            V gz = io::load(gp + off, n);
-            if constexpr (kA != Act::kIdentity) {
-              V z = at::vec::fmadd(xv, P[0], P[1]);
-              if constexpr (kR) z = z + io::load(rp + off, n);
-              gz = vact_grad_mul<kA>(z, gz);
-            }
-            io::store(gxp + off, at::vec::fmadd(P[2], gz, at::vec::fmadd(P[3], xv, P[4])), n);
-            if (grp) io::store(grp + off, gz, n);
-          }, want_stream(L, sizeof(scalar_t)));
-        } else {
-          const std::array<const M*, 2> chan{sc, sh};
-          channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
-            V gz = io::load(gp + off, n);
-            if constexpr (kA != Act::kIdentity) {
-              V z = at::vec::fmadd(io::load(xp + off, n), P[0], P[1]);
-              if constexpr (kR) z = z + io::load(rp + off, n);
-              gz = vact_grad_mul<kA>(z, gz);
-            }
-            io::store(grp + off, gz, n);
-          }, want_stream(L, sizeof(scalar_t)));
-        }
-      });
+      constexpr bool kR = decltype(R)::value;
+      if (need_grad_x) {
+        const std::array<const M*, 5> chan{sc, sh, k1.const_data_ptr<M>(), k2.const_data_ptr<M>(),
+                                           k3.const_data_ptr<M>()};
+        channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
+          const V xv = io::load(xp + off, n);
+          V gz = io::load(gp + off, n);
+          if constexpr (kA != Act::kIdentity)
+          gz = vact_grad_mul<kA>(bn_z<kR, io>(xv, rp, off, n, P), gz);
+          io::store(gxp + off, at::vec::fmadd(P[2], gz, at::vec::fmadd(P[3], xv, P[4])), n);
+          if (grp) io::store(grp + off, gz, n);
+        }, want_stream(L, sizeof(scalar_t)));
+      } else {  // x is read only when the activation needs z
+        const std::array<const M*, 2> chan{sc, sh};
+        channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
+          V gz = io::load(gp + off, n);
+          if constexpr (kA != Act::kIdentity)
+            gz = vact_grad_mul<kA>(bn_z<kR, io>(io::load(xp + off, n), rp, off, n, P), gz);
+          io::store(grp + off, gz, n);
+        }, want_stream(L, sizeof(scalar_t)));
+      }
     });
   });
-  return {grad_x, grad_r};
+  return out.tuple();
 }
 
 }  // namespace

@@ -18,12 +18,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <array>
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/vec_utils.h"
@@ -89,9 +91,31 @@ inline const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? &*t : nullptr;
 }
 
-// The dtypes of the contract: float, double, half, bfloat16.
-#define CK_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+// Runs the lambda (__VA_ARGS__) for the dtypes of the contract: float, double,
+// half, bfloat16. In the lambda's scope: scalar_t (the tensor dtype), M (its
+// math type, opmath_t), V = Vectorized<M> and io = IO<scalar_t>.
+#define CK_DISPATCH(TYPE, NAME, ...)                                             \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, [&] {   \
+    using M = ::convkernels::cpu::opmath_t<scalar_t>;                            \
+    using V = ::convkernels::cpu::Vectorized<M>;                                 \
+    using io = ::convkernels::cpu::IO<scalar_t>;                                 \
+    (__VA_ARGS__)();                                                             \
+  })
+
+// (grad_x, grad_residual) of a backward primitive: each is allocated (like x)
+// only when asked for; pointers to an output not asked for are null.
+struct GradOutputs {
+  at::Tensor x, r;
+  GradOutputs(const at::Tensor& like, bool need_x, bool need_r)
+      : x(need_x ? at::empty_like(like) : at::Tensor()),
+        r(need_r ? at::empty_like(like) : at::Tensor()) {}
+  bool none() const { return !x.defined() && !r.defined(); }
+  template <typename T>
+  T* x_ptr() { return x.defined() ? x.mutable_data_ptr<T>() : nullptr; }
+  template <typename T>
+  T* r_ptr() { return r.defined() ? r.mutable_data_ptr<T>() : nullptr; }
+  std::tuple<at::Tensor, at::Tensor> tuple() const { return {x, r}; }
+};
 
 // Elements per parallel task (memory-bound loops: big chunks).
 constexpr int64_t kGrain = 32768;

@@ -245,5 +245,11 @@ inline void dispatch_bool(bool b, F&& f) {
   }
 }
 
+// Calls f(std::integral_constant<Act, act>{}, std::integral_constant<bool, b>{}).
+template <typename F>
+inline void dispatch_act_bool(Act act, bool b, F&& f) {
+  dispatch_act(act, [&](auto A) { dispatch_bool(b, [&](auto B) { f(A, B); }); });
+}
+
 }  // namespace cpu
 }  // namespace convkernels
