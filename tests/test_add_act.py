@@ -61,11 +61,11 @@ def test_only_residual_needs_grad(target):
 def test_gradcheck_float64(target):
     if target.device != "cpu":
         pytest.skip("gradcheck runs on CPU")
-    shape = (3, 2, 3, 4)
+    shape, acts = ((3, 2, 2, 3), ("relu", "silu")) if target.small else ((3, 2, 3, 4), ACTS)
     x = make(shape, torch.float64, "cpu", seed=1).requires_grad_(True)
     r = make(shape, torch.float64, "cpu", seed=2).requires_grad_(True)
     scale = _scale(3, "cpu", "stochastic-depth").double()
-    for act in ACTS:
+    for act in acts:
         def f(x, r):
             with on(target):
                 return convkernels.ops.add_act(x, r, act, scale)
