@@ -25,7 +25,6 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-import shapes as shapes_mod  # noqa: E402
 import timing  # noqa: E402
 
 BENCH = "add_act"
@@ -59,9 +58,7 @@ def make_base(shape, layout, dtype, device) -> dict:
 
 def build_cases(args, device) -> list:
     cases = []
-    entries = [tuple(e["shape"]) for e in shapes_mod.select(args)]
-    for shape, layout, dtype, base in common.case_grid(entries, args, device, make_base):
-        numel = common.numel(shape)
+    for shape, numel, layout, dtype, base in common.shape_grid(args, device, make_base):
         for op in OPS:
             sd = op == "add_relu_sd"
             names = ["x", "residual", "grad_y"] + (["scale"] if sd else [])

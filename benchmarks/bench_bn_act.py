@@ -27,7 +27,6 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-import shapes as shapes_mod  # noqa: E402
 import timing  # noqa: E402
 
 BENCH = "bn_act"
@@ -75,9 +74,7 @@ def make_base(shape, layout, dtype, device) -> dict:
 
 def build_cases(args, device) -> list:
     cases = []
-    entries = [tuple(e["shape"]) for e in shapes_mod.select(args)]
-    for shape, layout, dtype, base in common.case_grid(entries, args, device, make_base):
-        numel = common.numel(shape)
+    for shape, numel, layout, dtype, base in common.shape_grid(args, device, make_base):
         for op in OPS:
             res = op == "bn_add_relu"
             for mode, direction in MODES:

@@ -118,7 +118,11 @@ class Case:
     input names that get gradients (fwd+bwd: autograd.grad of the output with
     ``inp["grad_y"]``); ``state``: input names mutated in place and checked
     (running stats). ``compile_key``: cases with the same key share one
-    torch.compile of ``eager`` (dynamo is reset when the key changes).
+    torch.compile of ``eager`` (dynamo is reset when the key changes);
+    ``compile_fn(mode)``, when given, returns that compiled callable instead (e.g.
+    a compiled nn.Module with inductor freezing); ``extra["compile_note"]`` is
+    added to the compile variant's note. ``nbytes`` None: no bytes /
+    GB/s (compute-bound ops report ``flops``).
     """
     bench: str
     case: str
@@ -127,7 +131,7 @@ class Case:
     fused: Callable[[dict], torch.Tensor]
     direction: str  # "fwd" | "fwd+bwd"
     grad_mode: bool  # autograd recording on during forward (train) or not (eval)
-    nbytes: int
+    nbytes: Optional[int]
     dtype: torch.dtype
     diff: tuple = ()
     state: tuple = ()
@@ -135,6 +139,7 @@ class Case:
     note: str = ""
     flops: Optional[float] = None
     extra: dict = field(default_factory=dict)
+    compile_fn: Optional[Callable[[Optional[str]], Callable]] = None
 
 
 def _step(case: Case, f: Callable, inp: dict):
@@ -170,7 +175,10 @@ class CompileCache:
         if case.compile_key != self.key:
             torch._dynamo.reset()
             self.key = case.compile_key
-            self.fn = torch.compile(case.eager, dynamic=False, mode=self.mode)
+            if case.compile_fn is not None:
+                self.fn = case.compile_fn(self.mode)
+            else:
+                self.fn = torch.compile(case.eager, dynamic=False, mode=self.mode)
         return self.fn
 
 
@@ -212,6 +220,7 @@ def run_cases(cases: list, args, device: torch.device, threads: int, bench: str)
                     print(f"warning: {msg}", file=sys.stderr)
                     note = (note + "; " if note else "") + "MISMATCH vs eager"
                 if name.startswith("compile"):
+                    note = "; ".join(n for n in (note, case.extra.get("compile_note")) if n)
                     note = (note + "; " if note else "") + f"first call {time.perf_counter() - t0:.1f}s"
             timed.append((name, be, f, b, note))
         del ref_out, ref_inp
@@ -272,6 +281,16 @@ def case_grid(entries, args, device: torch.device, make_base: Callable, layouts=
                     return cache[key]
 
                 yield entry, layout, dtype, base
+
+
+def shape_grid(args, device: torch.device, make_base: Callable):
+    """:func:`case_grid` over the BN-layer shapes of ``--shapes`` / ``--full`` / ``--batch``
+    (shapes.select): yields ``(shape, numel, layout, dtype, base)``."""
+    import shapes as shapes_mod
+
+    entries = [tuple(e["shape"]) for e in shapes_mod.select(args)]
+    for shape, layout, dtype, base in case_grid(entries, args, device, make_base):
+        yield shape, numel(shape), layout, dtype, base
 
 
 def clone_inputs(base: dict, names, requires_grad=()) -> dict:

@@ -1,7 +1,8 @@
 """Runs every op benchmark, then plots the speedups.
 
-    PYTHONPATH=. python benchmarks/run_all.py            # quick: headline + 3 model shapes
-    PYTHONPATH=. python benchmarks/run_all.py --full     # every ResNet-50 / DenseNet-121 BN shape
+    PYTHONPATH=. python benchmarks/run_all.py            # quick: headline + 3 model shapes; conv: 7 convs, eval
+    PYTHONPATH=. python benchmarks/run_all.py --full     # every ResNet-50 / DenseNet-121 BN and conv shape
+    PYTHONPATH=. python benchmarks/run_all.py --benches conv_bn_act   # one bench (+ its plot)
     PYTHONPATH=. python benchmarks/run_all.py --plot-only
 
 Every option of the bench scripts is passed on to them (see ``--help`` of
@@ -26,7 +27,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing  # noqa: E402
 
-BENCHES = OrderedDict([("bn_act", "bench_bn_act"), ("add_act", "bench_add_act")])
+BENCHES = OrderedDict([("bn_act", "bench_bn_act"), ("add_act", "bench_add_act"),
+                       ("conv_bn_act", "bench_conv_bn_act")])
 
 
 def plot(csv_path: str, png_path: str, max_cases: int = 80, benches=None) -> str:
@@ -47,7 +49,8 @@ def plot(csv_path: str, png_path: str, max_cases: int = 80, benches=None) -> str
                 eager[(r["bench"], r["case"])] = float(r["median_ms"])
     by_bench = OrderedDict()
     for r in rows:
-        by_bench.setdefault(r["bench"], []).append(r)
+        if (r["bench"], r["case"]) in eager:  # summary rows (no eager of their own) are skipped
+            by_bench.setdefault(r["bench"], []).append(r)
     if not by_bench:
         raise SystemExit(f"no rows to plot in {csv_path}")
 
@@ -65,8 +68,12 @@ def plot(csv_path: str, png_path: str, max_cases: int = 80, benches=None) -> str
             title = f"{bench}: speedup vs eager (whiskers: p20/p80)"
         else:
             groups = OrderedDict()
+            # The batch (a shape's first dim) joins the group when a bench has several.
+            by_n = len({c.split("/")[0].split("x")[0] for c in cases}) > 1
             for r in rs:
                 g = "/".join(r["case"].split("/")[1:]) + " (geomean)"
+                if by_n:
+                    g = f"N={r['case'].split('x')[0]} " + g
                 groups.setdefault((g, r["variant"]), []).append(float(r["speedup_vs_eager"]))
             labels = list(OrderedDict.fromkeys(g for g, _ in groups))
             for (g, v), s in groups.items():

@@ -349,8 +349,11 @@ def common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--shapes", default=None,
                    help="explicit shapes 'N,C,H,W;N,C,H,W' (overrides quick/--full)")
     p.add_argument("--dtypes", default=None,
-                   help="comma list of fp32,bf16,fp16 (default: cpu fp32; cuda fp32,bf16)")
-    p.add_argument("--layouts", default="nchw,cl", help="comma list of nchw,cl")
+                   help="comma list of fp32,bf16,fp16 (default: cpu fp32; cuda fp32,bf16; "
+                        "conv_bn_act on cuda: bf16)")
+    p.add_argument("--layouts", default=None,
+                   help="comma list of nchw,cl (default nchw,cl; conv_bn_act: CPU quick nchw, "
+                        "CPU --full nchw,cl, CUDA cl)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode (default None; e.g. max-autotune-no-cudagraphs)")
@@ -365,6 +368,14 @@ def common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="device peak bandwidth for pct_peak_bw (GPU: from a table)")
     p.add_argument("--fresh", action="store_true",
                    help="drop this bench's earlier rows from the CSV first")
+    # conv_bn_act only (shared so that run_all.py can pass them through to every bench).
+    p.add_argument("--conv-modes", default=None,
+                   help="conv_bn_act: comma list of eval (batch --batch), eval1 (batch 1), train "
+                        "(fwd+bwd, batch --batch); default: quick eval, --full all three")
+    p.add_argument("--conv-shapes", default=None,
+                   help="conv_bn_act: explicit convs 'Cin,H,W,Cout,k,stride,padding[,groups]"
+                        "[,pre];...' (pre: BN->ReLU->conv, else conv->BN->ReLU); batch from "
+                        "--conv-modes / --batch")
     return p
 
 
@@ -385,14 +396,16 @@ def setup(args) -> tuple[torch.device, int]:
     return device, threads
 
 
-def parse_dtypes(args, device: torch.device) -> list:
-    spec = args.dtypes or ("fp32,bf16" if device.type == "cuda" else "fp32")
+def parse_dtypes(args, device: torch.device, default: Optional[str] = None) -> list:
+    """``--dtypes``, else ``default``, else CPU fp32 / CUDA fp32,bf16."""
+    spec = args.dtypes or default or ("fp32,bf16" if device.type == "cuda" else "fp32")
     return [DTYPES[s.strip()] for s in spec.split(",") if s.strip()]
 
 
-def parse_layouts(args) -> list:
+def parse_layouts(args, default: str = "nchw,cl") -> list:
+    """``--layouts``, else ``default``."""
     out = []
-    for s in args.layouts.split(","):
+    for s in (args.layouts or default).split(","):
         s = s.strip().lower()
         if s in ("nchw", "contiguous"):
             out.append("nchw")

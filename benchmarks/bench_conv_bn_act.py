@@ -1,0 +1,298 @@
+"""conv_bn_act benchmark: per-layer fused conv + BN + ReLU of ResNet-50 and DenseNet-121.
+
+Two patterns, from the models' own layers (shapes.py, forward hooks on a meta model):
+
+* ``conv_bn_relu``: ``relu(batch_norm(conv2d(x)))`` -> ``convkernels.ops.conv_bn_act``
+  (every ResNet-50 conv, DenseNet-121's stem);
+* ``bn_relu_conv``: ``conv2d(relu(batch_norm(x)))`` -> ``convkernels.ops.bn_act_conv``
+  (DenseNet-121's norm -> relu -> conv units, BN over the conv's input channels).
+
+Variants: ``eager`` (F.conv2d / F.batch_norm / F.relu), ``compile`` (torch.compile of
+that eager code; eval: of an nn.Module owning the parameters, called under no_grad
+with ``torch._inductor.config.freezing = True``, so inductor may fold BN into the
+conv and prepack weights), ``convkernels-<backend>`` (auto; on CUDA also triton and
+cuda). No conv bias (as in both models).
+
+Modes (``--conv-modes``): ``eval`` fwd under no_grad at ``--batch`` (32), ``eval1``
+the same at batch 1, ``train`` fwd+bwd at ``--batch``: batch statistics, running
+stats updated in place, autograd.grad w.r.t. x, conv weight, BN weight and bias with
+a fixed grad_y. Quick (default): eval at batch 32 on QUICK_CONVS (5 ResNet-50
+convs, 2 DenseNet units); ``--full``: every distinct conv shape, all three modes.
+Layout / dtype defaults: CPU fp32, nchw (``--full``: nchw and cl); CUDA bf16, cl.
+
+FLOPs (TFLOP/s = flops / median): 2*N*Cout*OH*OW*Cin/groups*k*k per forward, x3
+for fwd+bwd (BN / ReLU work ignored). At the end, the geometric-mean speedup of
+each variant vs eager and vs compile over the ResNet-50 eval shapes measured is
+printed and written as ``conv_bn_act_geomean`` rows.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import shapes as shapes_mod  # noqa: E402
+import timing  # noqa: E402
+
+BENCH = "conv_bn_act"
+SUMMARY_BENCH = "conv_bn_act_geomean"
+EPS, MOMENTUM = 1e-5, 0.1
+OP_NAMES = {"conv_bn_act": "conv_bn_relu", "bn_act_conv": "bn_relu_conv"}
+# --conv-modes name -> (batch: None = --batch, mode, direction)
+MODES = OrderedDict([("eval", (None, "eval", "fwd")), ("eval1", (1, "eval", "fwd")),
+                     ("train", (None, "train", "fwd+bwd"))])
+
+
+# ------------------------------------------------------------------- eager code
+def conv_bn_relu(x, w, bn_w, bn_b, rm, rv, training, stride, padding, groups):
+    z = F.conv2d(x, w, None, stride, padding, 1, groups)
+    return F.relu(F.batch_norm(z, rm, rv, bn_w, bn_b, training, MOMENTUM, EPS))
+
+
+def bn_relu_conv(x, w, bn_w, bn_b, rm, rv, training, stride, padding, groups):
+    t = F.relu(F.batch_norm(x, rm, rv, bn_w, bn_b, training, MOMENTUM, EPS))
+    return F.conv2d(t, w, None, stride, padding, 1, groups)
+
+
+EAGER = {"conv_bn_act": conv_bn_relu, "bn_act_conv": bn_relu_conv}
+
+
+def fused_call(pattern, x, w, bn_w, bn_b, rm, rv, training, stride, padding, groups):
+    ops = common.ck.ops
+    if pattern == "conv_bn_act":
+        return ops.conv_bn_act(x, w, None, rm, rv, bn_w, bn_b, training, MOMENTUM, EPS, stride,
+                               padding, 1, groups, "relu", None)
+    return ops.bn_act_conv(x, rm, rv, bn_w, bn_b, training, MOMENTUM, EPS, "relu", w, None,
+                           stride, padding, 1, groups)
+
+
+class EvalUnit(nn.Module):
+    """The eager eval unit with its parameters and BN buffers in a module (what
+    inductor freezing needs); ``fused`` runs convkernels on the same tensors."""
+
+    def __init__(self, pattern, spec, base):
+        super().__init__()
+        self.pattern = pattern
+        self.stride, self.padding, self.groups = spec[6], spec[7], spec[8]
+        self.weight = nn.Parameter(base["conv_weight"])
+        self.bn_weight = nn.Parameter(base["bn_weight"])
+        self.bn_bias = nn.Parameter(base["bn_bias"])
+        self.register_buffer("running_mean", base["running_mean"])
+        self.register_buffer("running_var", base["running_var"])
+
+    def _args(self):
+        return (self.weight, self.bn_weight, self.bn_bias, self.running_mean, self.running_var,
+                False, self.stride, self.padding, self.groups)
+
+    def forward(self, x):
+        return EAGER[self.pattern](x, *self._args())
+
+    def fused(self, x):
+        return fused_call(self.pattern, x, *self._args())
+
+
+class FreezeOnCompile:
+    """A torch.compile'd eval module whose compilation (its first call) runs with
+    ``torch._inductor.config.freezing = True``; later calls reuse that code."""
+
+    def __init__(self, module, mode):
+        self.compiled = torch.compile(module, dynamic=False, mode=mode)
+        self.compiled_once = False
+
+    def __call__(self, inp):
+        if not self.compiled_once:
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=True):
+                y = self.compiled(inp["x"])
+            self.compiled_once = True
+            return y
+        return self.compiled(inp["x"])
+
+
+# ------------------------------------------------------------------------ cases
+def make_base(entry, layout, dtype, device) -> dict:
+    """Random tensors of one (conv, pattern, layout, dtype); cloned by train cases,
+    owned (shared) by the eval module."""
+    spec, pattern = entry
+    n, cin, h, w, cout, k, stride, pad, groups = spec
+    g = torch.Generator().manual_seed(2)
+    pre = pattern == "bn_act_conv"
+    c = cin if pre else cout  # BN channels
+    x_scale, x_shift = (2.0, 0.5) if pre else (1.0, 0.0)
+    fan_in = cin // groups * k * k
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    # BN sees x (pre) or the conv output (variance ~ x's variance, ~1, with this weight scale).
+    mu, var = (x_shift, x_scale ** 2) if pre else (0.0, 1.0)
+    vec = lambda s, m: (torch.randn(c, generator=g) * s + m).to(device)  # noqa: E731
+    b = dict(
+        x=common.randn((n, cin, h, w), dtype, device, layout, scale=x_scale, shift=x_shift, gen=g),
+        conv_weight=common.randn((cout, cin // groups, k, k), dtype, device, layout,
+                                 scale=fan_in ** -0.5, gen=g),
+        grad_y=common.randn((n, cout, oh, ow), dtype, device, layout, gen=g),
+        bn_weight=vec(0.1, 1.0), bn_bias=vec(0.1, 0.0), running_mean=vec(0.1, mu),
+        running_var=((torch.rand(c, generator=g) * 0.2 + 0.9) * var).to(device),
+    )
+    b["module"] = EvalUnit(pattern, spec, b).eval()
+    return b
+
+
+def default_layouts(args, device) -> str:
+    if device.type == "cuda":
+        return "cl"
+    return "nchw,cl" if args.full else "nchw"
+
+
+def selected_modes(args) -> list:
+    spec = args.conv_modes or ("eval,eval1,train" if args.full else "eval")
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    for m in names:
+        if m not in MODES:
+            raise SystemExit(f"unknown conv mode {m!r}; expected some of {list(MODES)}")
+    return names
+
+
+def build_cases(args, device) -> list:
+    cases = []
+    layouts = timing.parse_layouts(args, default_layouts(args, device))
+    dtypes = timing.parse_dtypes(args, device, "bf16" if device.type == "cuda" else "fp32")
+    by_batch = OrderedDict()  # batch -> [(mode, direction)]
+    for m in selected_modes(args):
+        batch, mode, direction = MODES[m]
+        by_batch.setdefault(batch or args.batch, []).append((mode, direction))
+    for batch, modes in by_batch.items():
+        if args.conv_shapes:
+            table = shapes_mod.parse_conv_shapes(args.conv_shapes, batch)
+        else:
+            table = shapes_mod.conv_shapes(batch, args.full)
+        meta = OrderedDict(((e["spec"], e["pattern"]), e) for e in table)
+        for entry, layout, dtype, base in common.case_grid(list(meta), args, device, make_base,
+                                                           layouts, dtypes):
+            spec, pattern = entry
+            e = meta[entry]
+            stride, padding, groups = spec[6], spec[7], spec[8]
+            for mode, direction in modes:
+                train = mode == "train"
+                flops = shapes_mod.conv_flops(spec) * (3 if direction == "fwd+bwd" else 1)
+                case = "/".join([shapes_mod.conv_spec_str(spec), layout,
+                                 timing.DTYPE_NAMES[dtype], OP_NAMES[pattern], mode, direction])
+                extra = dict(pattern=pattern, models=e["models"], mode=mode, batch=batch,
+                             layout=layout, dtype=timing.DTYPE_NAMES[dtype])
+                note = (f"{e['layer']} x{e['count']}; flops 2*N*Cout*OH*OW*Cin/g*k*k"
+                        + (" x3" if direction == "fwd+bwd" else ""))
+                if train:
+                    names = ["x", "conv_weight", "bn_weight", "bn_bias", "running_mean",
+                             "running_var", "grad_y"]
+                    diff = ("x", "conv_weight", "bn_weight", "bn_bias")
+
+                    def make_inputs(base=base, names=names, diff=diff):
+                        return common.clone_inputs(base(), names, diff)
+
+                    def args_of(inp):
+                        return (inp["x"], inp["conv_weight"], inp["bn_weight"], inp["bn_bias"],
+                                inp["running_mean"], inp["running_var"], True)
+
+                    def eager(inp, f=EAGER[pattern], s=stride, p=padding, gr=groups):
+                        return f(*args_of(inp), s, p, gr)
+
+                    def fused(inp, pat=pattern, s=stride, p=padding, gr=groups):
+                        return fused_call(pat, *args_of(inp), s, p, gr)
+
+                    cases.append(common.Case(
+                        bench=BENCH, case=case, make_inputs=make_inputs, eager=eager,
+                        fused=fused, direction=direction, grad_mode=True, nbytes=None,
+                        dtype=dtype, diff=diff, state=("running_mean", "running_var"),
+                        compile_key=(entry, layout, dtype, mode), note=note, flops=flops,
+                        extra=extra))
+                else:
+                    def make_inputs(base=base):
+                        b = base()
+                        return {"x": b["x"].clone(), "module": b["module"]}
+
+                    def compile_fn(mode_, base=base):
+                        return FreezeOnCompile(base()["module"], mode_)
+
+                    cases.append(common.Case(
+                        bench=BENCH, case=case, make_inputs=make_inputs,
+                        eager=lambda inp: inp["module"](inp["x"]),
+                        fused=lambda inp: inp["module"].fused(inp["x"]),
+                        direction=direction, grad_mode=False, nbytes=None, dtype=dtype,
+                        compile_key=(entry, layout, dtype, mode), note=note, flops=flops,
+                        extra=dict(extra, compile_note="inductor freezing"),
+                        compile_fn=compile_fn))
+    return cases
+
+
+# ---------------------------------------------------------------------- summary
+def _gmean(vals) -> float:
+    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+
+def summarize(rows, cases, args, device, threads) -> list:
+    """Geometric-mean speedups over the ResNet-50 eval cases, per (batch, layout,
+    dtype): printed to stdout and written as SUMMARY_BENCH rows. Returns the lines."""
+    extra = {c.case: c.extra for c in cases}
+    times = OrderedDict()  # group -> case -> variant -> median_ms
+    for r in rows:
+        x = extra.get(r["case"])
+        if not x or x["mode"] != "eval" or x["pattern"] != "conv_bn_act" \
+                or "resnet50" not in x["models"]:
+            continue
+        grp = (x["batch"], x["layout"], x["dtype"])
+        times.setdefault(grp, OrderedDict()).setdefault(r["case"], {})[r["variant"]] = \
+            float(r["median_ms"])
+    if not times:
+        return []
+    dev_name = timing.device_name(device, threads)
+    out = timing.ResultsCSV(args.out, dev_name, SUMMARY_BENCH)
+    compile_name = "compile" if not args.compile_mode else f"compile-{args.compile_mode}"
+    lines = []
+    for (batch, layout, dtype), per_case in times.items():
+        cases_ok = [t for t in per_case.values() if "eager" in t]
+        variants = [v for v in next(iter(cases_ok)) if v != "eager"] if cases_ok else []
+        label = f"resnet50/N{batch}/{layout}/{dtype}/conv_bn_relu/eval/fwd"
+        parts = []
+        for v in variants:
+            vs_eager = _gmean([t["eager"] / t[v] for t in cases_ok if v in t])
+            vs_comp = None
+            if v != compile_name and all(compile_name in t for t in cases_ok):
+                vs_comp = _gmean([t[compile_name] / t[v] for t in cases_ok if v in t])
+            parts.append(f"{v} {vs_eager:.3f}x vs eager"
+                         + (f", {vs_comp:.3f}x vs {compile_name}" if vs_comp else ""))
+            out.add(dict(bench=SUMMARY_BENCH, case=label, variant=v, n=len(cases_ok),
+                         speedup_vs_eager=vs_eager, device=dev_name,
+                         threads=threads if device.type == "cpu" else None,
+                         torch=torch.__version__,
+                         date=timing._dt.datetime.now().isoformat(timespec="seconds"),
+                         note=f"geomean over {len(cases_ok)} ResNet-50 eval shapes (unweighted)"
+                              + (f"; vs {compile_name} {vs_comp:.4g}x" if vs_comp else "")))
+        lines.append(f"[{BENCH}] geomean over {len(cases_ok)} ResNet-50 eval shapes "
+                     f"(N={batch}, {layout}, {dtype}): " + "; ".join(parts))
+    for line in lines:
+        print(line)
+    sys.stdout.flush()
+    return lines
+
+
+def main(argv=None) -> list:
+    import argparse
+
+    ap = timing.common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    args = ap.parse_args(argv)
+    device, threads = timing.setup(args)
+    cases = build_cases(args, device)
+    rows = common.run_cases(cases, args, device, threads, BENCH)
+    summarize(rows, cases, args, device, threads)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
