@@ -42,17 +42,29 @@ def _flat_tile(per_sample, blocks, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _scaled(v, scale_ptr, n, HAS_SCALE: tl.constexpr):
+    """scale[n] * v (v itself without a scale)."""
+    if HAS_SCALE:
+        return tl.load(scale_ptr + n) * v
+    else:
+        return v
+
+
+@triton.jit
+def _add_z(x_ptr, res_ptr, scale_ptr, n, offs, mask, acc_ty, HAS_SCALE: tl.constexpr):
+    """z = residual + scale[n] * x in acc_ty."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    return r + _scaled(x, scale_ptr, n, HAS_SCALE)
+
+
+@triton.jit
 def _add_act_fwd_kernel(x_ptr, res_ptr, scale_ptr, y_ptr, per_sample, blocks,
                         HAS_SCALE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
     """y = act(residual + scale[n] * x)."""
     acc_ty = scale_ptr.dtype.element_ty
     n, offs, mask = _flat_tile(per_sample, blocks, BLOCK)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    if HAS_SCALE:
-        z = r + tl.load(scale_ptr + n) * x
-    else:
-        z = r + x
+    z = _add_z(x_ptr, res_ptr, scale_ptr, n, offs, mask, acc_ty, HAS_SCALE)
     tl.store(y_ptr + offs, act_fwd(z, ACT).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -67,18 +79,9 @@ def _add_act_bwd_kernel(g_ptr, x_ptr, res_ptr, scale_ptr, gx_ptr, gr_ptr, per_sa
     if ACT == 0:  # identity: z is not needed
         gz = g
     else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        if HAS_SCALE:
-            z = r + tl.load(scale_ptr + n) * x
-        else:
-            z = r + x
-        gz = act_bwd(g, z, ACT)
+        gz = act_bwd(g, _add_z(x_ptr, res_ptr, scale_ptr, n, offs, mask, acc_ty, HAS_SCALE), ACT)
     if NEED_GX:
-        if HAS_SCALE:
-            gx = tl.load(scale_ptr + n) * gz
-        else:
-            gx = gz
+        gx = _scaled(gz, scale_ptr, n, HAS_SCALE)
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
     if NEED_GR:
         tl.store(gr_ptr + offs, gz.to(gr_ptr.dtype.element_ty), mask=mask)

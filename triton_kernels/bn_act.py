@@ -37,6 +37,23 @@ FINALIZE_BLOCK = 256
 
 
 @triton.jit
+def _split_tiles(pid_s, tiles_per_split, total_tiles):
+    """Tile range [t0, t1) of split pid_s (see layout.reduce_plan)."""
+    t0 = pid_s * tiles_per_split
+    return t0, tl.minimum(t0 + tiles_per_split, total_tiles)
+
+
+@triton.jit
+def _bn_z(x, scale, shift, res_ptr, offs, mask, HAS_RES: tl.constexpr):
+    """Pre-activation z = x * scale + shift (+ residual) in x's (acc) dtype; scale
+    and shift are [BLOCK_C, 1]."""
+    z = x * scale + shift
+    if HAS_RES:
+        z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(x.dtype)
+    return z
+
+
+@triton.jit
 def _channel_stats_partial_kernel(
     x_ptr, part_ptr, C, HW, sN, sC, sHW, hw_blocks, total_tiles, tiles_per_split,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -60,8 +77,7 @@ def _channel_stats_partial_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     shift = tl.load(x_ptr + c * sC, mask=c_mask, other=0.0).to(acc_ty)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, total_tiles)
+    t0, t1 = _split_tiles(pid_s, tiles_per_split, total_tiles)
     for t in range(t0, t1):
         _, _, _, offs, mask, n_valid = tile_2d(t, pid_c, hw_blocks, C, HW, sN, sC, sHW,
                                                BLOCK_C, BLOCK_HW)
@@ -122,10 +138,7 @@ def _bn_act_apply_kernel(
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     acc_ty = scale.dtype
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    z = x * scale[:, None] + shift[:, None]
-    if HAS_RES:
-        z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    y = act_fwd(z, ACT)
+    y = act_fwd(_bn_z(x, scale[:, None], shift[:, None], res_ptr, offs, mask, HAS_RES), ACT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -147,16 +160,13 @@ def _bn_act_backward_reduce_kernel(
     center = tl.load(center_ptr + c, mask=c_mask, other=0.0)[:, None]
     acc_gz = tl.zeros([BLOCK_C, BLOCK_HW], acc_ty)
     acc_gzx = tl.zeros([BLOCK_C, BLOCK_HW], acc_ty)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, total_tiles)
+    t0, t1 = _split_tiles(pid_s, tiles_per_split, total_tiles)
     for t in range(t0, t1):
         _, _, _, offs, mask, _ = tile_2d(t, pid_c, hw_blocks, C, HW, sN, sC, sHW,
                                          BLOCK_C, BLOCK_HW)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        z = x * scale + shift
-        if HAS_RES:
-            z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        z = _bn_z(x, scale, shift, res_ptr, offs, mask, HAS_RES)
         gz = tl.where(mask, act_bwd(g, z, ACT), 0.0)
         acc_gz += gz
         acc_gzx += gz * (x - center)
@@ -180,10 +190,7 @@ def _bn_act_backward_apply_kernel(
     acc_ty = scale.dtype
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    z = x * scale + shift
-    if HAS_RES:
-        z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    gz = act_bwd(g, z, ACT)
+    gz = act_bwd(g, _bn_z(x, scale, shift, res_ptr, offs, mask, HAS_RES), ACT)
     if NEED_GX:
         k1 = tl.load(k1_ptr + c, mask=c_mask, other=0.0)[:, None]
         k2 = tl.load(k2_ptr + c, mask=c_mask, other=0.0)[:, None]

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .activations import ACT_CODES, act_code, act_fwd
-from .layout import TRITON_TYPE, CompileCase, device_guard
+from .layout import TRITON_TYPE, CompileCase, case_signature, device_guard
 
 # ----------------------------------------------------------------------------
 # configs
@@ -146,9 +146,55 @@ def _direct_triton_configs():
 
 _TUNE_KEY = ["Cin_g", "Cout_g", "KH", "KW", "stride_h", "stride_w", "M_BUCKET"]
 
+
+def _autotune(configs, prune):
+    """@triton.autotune shared by the conv kernels (the stats workspace is zeroed
+    after benchmarking)."""
+    return triton.autotune(configs=configs, key=_TUNE_KEY, reset_to_zero=["ws_ptr"],
+                           prune_configs_by={"early_config_prune": prune})
+
 # ----------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _out_pos(offs_m, OH, OW):
+    """(n, oh, ow) of flat output positions offs_m = n*OH*OW + oh*OW + ow."""
+    ohw = OH * OW
+    n_idx = offs_m // ohw
+    r = offs_m - n_idx * ohw
+    oh = r // OW
+    ow = r - oh * OW
+    return n_idx, oh, ow
+
+
+@triton.jit
+def _m_tile(pid_m, M, OH, OW, stride_h, stride_w, pad_h, pad_w, BLOCK_M: tl.constexpr):
+    """Output positions of M-tile pid_m: (offs_m, m_mask, n, ih0, iw0), where
+    (ih0, iw0) is the input position under tap (0, 0)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    n_idx, oh, ow = _out_pos(offs_m, OH, OW)
+    return offs_m, m_mask, n_idx, oh * stride_h - pad_h, ow * stride_w - pad_w
+
+
+@triton.jit
+def _prologue(v, v_mask, scale_ptr, shift_ptr, ch, ch_mask, acc_ty, IN_ACT: tl.constexpr):
+    """in_act(v * in_scale[ch] + in_shift[ch]) in acc_ty on a [rows, channels] tile;
+    0 where v_mask is off (the zero padding stays exactly 0)."""
+    s = tl.load(scale_ptr + ch, mask=ch_mask, other=0.0).to(acc_ty)
+    t = tl.load(shift_ptr + ch, mask=ch_mask, other=0.0).to(acc_ty)
+    return tl.where(v_mask, act_fwd(v.to(acc_ty) * s[None, :] + t[None, :], IN_ACT), 0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
+    """acc + a @ b on tensor cores (tf32 or full-precision fp32 inputs)."""
+    if ALLOW_TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
@@ -175,11 +221,7 @@ def _epilogue(acc, pid_m, offs_m, m_mask, co, n_mask, M, OH, OW, Cout,
         tl.store(wsp + WS_T * Cout, t_m2.to(ws_ptr.dtype.element_ty), mask=n_mask)
         tl.store(wsp + 2 * WS_T * Cout, (tl.zeros_like(t_mean) + cnt).to(ws_ptr.dtype.element_ty),
                  mask=n_mask)
-    ohw = OH * OW
-    n_idx = offs_m // ohw
-    r = offs_m - n_idx * ohw
-    oh = r // OW
-    ow = r - oh * OW
+    n_idx, oh, ow = _out_pos(offs_m, OH, OW)
     n64 = n_idx.to(tl.int64)
     if HAS_RES:
         r_off = (n64 * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :]
@@ -189,8 +231,7 @@ def _epilogue(acc, pid_m, offs_m, m_mask, co, n_mask, M, OH, OW, Cout,
     tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.autotune(configs=_gemm_triton_configs(), key=_TUNE_KEY, reset_to_zero=["ws_ptr"],
-                 prune_configs_by={"early_config_prune": _prune_gemm})
+@_autotune(_gemm_triton_configs(), _prune_gemm)
 @triton.jit
 def _conv_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, ws_ptr,
@@ -214,15 +255,8 @@ def _conv_gemm_kernel(
     pid_m = pid // n_tiles
     pid_n = pid - pid_m * n_tiles
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    ohw = OH * OW
-    n_idx = offs_m // ohw
-    r = offs_m - n_idx * ohw
-    oh = r // OW
-    ow = r - oh * OW
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
+    offs_m, m_mask, n_idx, ih0, iw0 = _m_tile(pid_m, M, OH, OW, stride_h, stride_w, pad_h, pad_w,
+                                              BLOCK_M)
     x_row = x_ptr + n_idx.to(tl.int64) * sxn + (g * Cin_g) * sxc  # [BLOCK_M] pointers
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -249,16 +283,11 @@ def _conv_gemm_kernel(
             a = tl.load((x_row + (ih * sxh + iw * sxw))[:, None] + (ci * sxc)[None, :],
                         mask=a_mask, other=0.0)
             if HAS_PRO:
-                s = tl.load(scale_ptr + g * Cin_g + ci, mask=k_ok, other=0.0).to(acc_ty)
-                t = tl.load(shift_ptr + g * Cin_g + ci, mask=k_ok, other=0.0).to(acc_ty)
-                af = act_fwd(a.to(acc_ty) * s[None, :] + t[None, :], IN_ACT)
-                a = tl.where(a_mask, af, 0.0).to(op_ty)
+                a = _prologue(a, a_mask, scale_ptr + g * Cin_g, shift_ptr + g * Cin_g, ci, k_ok,
+                              acc_ty, IN_ACT).to(op_ty)
             b = tl.load((w_col + kh * swh + kw * sww)[None, :] + (ci * swc)[:, None],
                         mask=k_ok[:, None] & n_mask[None, :], other=0.0)
-            if ALLOW_TF32:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = _dot(a, b, acc, ALLOW_TF32)
     else:
         k_total = KH * KW * Cin_g
         for k0 in range(0, k_total, BLOCK_K):
@@ -275,16 +304,11 @@ def _conv_gemm_kernel(
             a = tl.load(x_row[:, None] + (ih * sxh + iw * sxw + (ci * sxc)[None, :]),
                         mask=a_mask, other=0.0)
             if HAS_PRO:
-                s = tl.load(scale_ptr + g * Cin_g + ci, mask=k_ok, other=0.0).to(acc_ty)
-                t = tl.load(shift_ptr + g * Cin_g + ci, mask=k_ok, other=0.0).to(acc_ty)
-                af = act_fwd(a.to(acc_ty) * s[None, :] + t[None, :], IN_ACT)
-                a = tl.where(a_mask, af, 0.0).to(op_ty)
+                a = _prologue(a, a_mask, scale_ptr + g * Cin_g, shift_ptr + g * Cin_g, ci, k_ok,
+                              acc_ty, IN_ACT).to(op_ty)
             b = tl.load(w_col[None, :] + (kh * swh + kw * sww + ci * swc)[:, None],
                         mask=k_ok[:, None] & n_mask[None, :], other=0.0)
-            if ALLOW_TF32:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = _dot(a, b, acc, ALLOW_TF32)
 
     _epilogue(acc, pid_m, offs_m, m_mask, co, n_mask, M, OH, OW, Cout,
               bias_ptr, res_ptr, out_ptr, ws_ptr, WS_T,
@@ -292,8 +316,7 @@ def _conv_gemm_kernel(
               HAS_BIAS, HAS_RES, ACT, STATS, BLOCK_M)
 
 
-@triton.autotune(configs=_direct_triton_configs(), key=_TUNE_KEY, reset_to_zero=["ws_ptr"],
-                 prune_configs_by={"early_config_prune": _prune_direct})
+@_autotune(_direct_triton_configs(), _prune_direct)
 @triton.jit
 def _conv_direct_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, ws_ptr,
@@ -313,15 +336,8 @@ def _conv_direct_kernel(
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    ohw = OH * OW
-    n_idx = offs_m // ohw
-    r = offs_m - n_idx * ohw
-    oh = r // OW
-    ow = r - oh * OW
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
+    offs_m, m_mask, n_idx, ih0, iw0 = _m_tile(pid_m, M, OH, OW, stride_h, stride_w, pad_h, pad_w,
+                                              BLOCK_M)
     x_row = x_ptr + n_idx.to(tl.int64) * sxn  # [BLOCK_M] pointers
 
     co = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -353,9 +369,8 @@ def _conv_direct_kernel(
                     xv = tl.load(x_sp[:, None] + (ch * sxc)[None, :], mask=x_mask,
                                  other=0.0).to(acc_ty)
                     if HAS_PRO:
-                        s = tl.load(scale_ptr + ch, mask=c_mask, other=0.0).to(acc_ty)
-                        t = tl.load(shift_ptr + ch, mask=c_mask, other=0.0).to(acc_ty)
-                        xv = tl.where(x_mask, act_fwd(xv * s[None, :] + t[None, :], IN_ACT), 0.0)
+                        xv = _prologue(xv, x_mask, scale_ptr, shift_ptr, ch, c_mask, acc_ty,
+                                       IN_ACT)
                     acc += xv * wv[None, :]
 
     _epilogue(acc, pid_m, offs_m, m_mask, co, c_mask, M, OH, OW, Cout,
@@ -683,19 +698,7 @@ def _case(kernel, label, dt, consts, *, cl, num_warps, num_stages, w_cin_unit=Fa
     ptr = dict(x_ptr=t, w_ptr=t, res_ptr=t, out_ptr=t, bias_ptr=acc, scale_ptr=acc,
                shift_ptr=acc, ws_ptr=acc)
     unit = {"swc" if w_cin_unit else "swo"} | ({"sxc", "src", "soc"} if cl else {"sxw", "srw", "sow"})
-    sig, cx = {}, {}
-    for arg in fn.arg_names:
-        if arg in consts:
-            sig[arg], cx[arg] = "constexpr", consts[arg]
-        elif arg in unit:
-            sig[arg], cx[arg] = "constexpr", 1
-        elif arg.endswith("_ptr"):
-            sig[arg] = ptr[arg]
-        else:
-            sig[arg] = "i32"
-    extra = set(consts) - set(fn.arg_names)
-    if extra:
-        raise ValueError(f"{fn.__name__}: unknown constexprs {extra}")
+    sig, cx = case_signature(fn, ptr, consts, unit)
     wl = ",wci" if w_cin_unit else ""
     return CompileCase(f"{fn.__name__}[{label},{'cl' if cl else 'nchw'}{wl}]", fn, sig, cx,
                        num_warps, num_stages)

@@ -228,16 +228,15 @@ class CompileCase:
     num_stages: int = 3
 
 
-def make_case(fn, label: str, ptr_types: dict, consts: dict, *, layout: str,
-              num_warps: int = TILE_WARPS) -> CompileCase:
-    """A CompileCase; integer args default to "i32" and the stride the JIT sees
-    as 1 for ``layout`` ("nchw": sHW, "cl": sC) becomes the constexpr 1, as at run time."""
-    unit = {"nchw": "sHW", "cl": "sC", "flat": None}[layout]
+def case_signature(fn, ptr_types: dict, consts: dict, unit=()):
+    """(signature, constexprs) of ``fn``: ``consts`` and the args in ``unit`` (the
+    strides the JIT sees as 1, made the constexpr 1 as at run time) are constexprs,
+    ``*_ptr`` args take their type from ``ptr_types``, other args are "i32"."""
     sig, cx = {}, {}
     for arg in fn.arg_names:
         if arg in consts:
             sig[arg], cx[arg] = "constexpr", consts[arg]
-        elif arg == unit:
+        elif arg in unit:
             sig[arg], cx[arg] = "constexpr", 1
         elif arg.endswith("_ptr"):
             sig[arg] = ptr_types[arg]
@@ -246,4 +245,13 @@ def make_case(fn, label: str, ptr_types: dict, consts: dict, *, layout: str,
     extra = set(consts) - set(fn.arg_names)
     if extra:
         raise ValueError(f"{fn.__name__}: unknown constexprs {extra}")
+    return sig, cx
+
+
+def make_case(fn, label: str, ptr_types: dict, consts: dict, *, layout: str,
+              num_warps: int = TILE_WARPS) -> CompileCase:
+    """A CompileCase; integer args default to "i32" and the stride the JIT sees
+    as 1 for ``layout`` ("nchw": sHW, "cl": sC) becomes the constexpr 1, as at run time."""
+    unit = {"nchw": ("sHW",), "cl": ("sC",), "flat": ()}[layout]
+    sig, cx = case_signature(fn, ptr_types, consts, unit)
     return CompileCase(f"{fn.__name__}[{label},{layout}]", fn, sig, cx, num_warps)

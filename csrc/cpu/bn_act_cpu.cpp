@@ -31,6 +31,17 @@ inline V bn_z(const V& xv, const T* rp, int64_t off, N n, const V* P) {
   return z;
 }
 
+// Checks of the BN primitives: x (and grad_y, residual where given) dense in
+// one layout, scale and shift [C] vectors of the accumulation dtype.
+inline Layout check_bn(const char* op, const Tensor& x, const Tensor* grad_y, const Tensor* res,
+                       const Tensor& scale, const Tensor& shift) {
+  const Layout L = check_layout(op, x, {grad_y, res});
+  const auto acc_t = acc_scalar_type(x.scalar_type());
+  check_vec(op, "scale", scale, L.C, acc_t);
+  check_vec(op, "shift", shift, L.C, acc_t);
+  return L;
+}
+
 // mean and biased variance per channel. Sums of x - s[c] and (x - s[c])^2 in
 // double, with s[c] = x[0, c, 0, 0] (shifted sums: no cancellation when the
 // mean is large compared to the spread).
@@ -71,10 +82,7 @@ std::tuple<Tensor, Tensor> channel_stats_cpu(const Tensor& x) {
 Tensor bn_act_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,
                         const std::optional<Tensor>& residual, c10::string_view act) {
   const Tensor* res = opt_ptr(residual);
-  const Layout L = check_layout("bn_act_apply", x, {res});
-  const auto acc_t = acc_scalar_type(x.scalar_type());
-  check_vec("bn_act_apply", "scale", scale, L.C, acc_t);
-  check_vec("bn_act_apply", "shift", shift, L.C, acc_t);
+  const Layout L = check_bn("bn_act_apply", x, nullptr, res, scale, shift);
   const Act a = act_of(act);
   Tensor y = at::empty_like(x);
   CK_DISPATCH(x.scalar_type(), "bn_act_apply", [&] {
@@ -102,10 +110,8 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce_cpu(const Tensor& grad_y, cons
                                                       c10::string_view act, const Tensor& center) {
   const Tensor* res = opt_ptr(residual);
   const char* op = "bn_act_backward_reduce";
-  const Layout L = check_layout(op, x, {&grad_y, res});
+  const Layout L = check_bn(op, x, &grad_y, res, scale, shift);
   const auto acc_t = acc_scalar_type(x.scalar_type());
-  check_vec(op, "scale", scale, L.C, acc_t);
-  check_vec(op, "shift", shift, L.C, acc_t);
   check_vec(op, "center", center, L.C, acc_t);
   const Act a = act_of(act);
   Tensor sum_gz = at::empty({L.C}, x.options().dtype(acc_t));
@@ -145,10 +151,8 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply_cpu(
     const Tensor& k2, const Tensor& k3, bool need_grad_x, bool need_grad_residual) {
   const Tensor* res = opt_ptr(residual);
   const char* op = "bn_act_backward_apply";
-  const Layout L = check_layout(op, x, {&grad_y, res});
+  const Layout L = check_bn(op, x, &grad_y, res, scale, shift);
   const auto acc_t = acc_scalar_type(x.scalar_type());
-  check_vec(op, "scale", scale, L.C, acc_t);
-  check_vec(op, "shift", shift, L.C, acc_t);
   if (need_grad_x) {
     check_vec(op, "k1", k1, L.C, acc_t);
     check_vec(op, "k2", k2, L.C, acc_t);
