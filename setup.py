@@ -107,7 +107,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["convkernels", "convkernels.ops", "convkernels.nn",
+    packages=["convkernels", "convkernels.ops", "convkernels.nn", "convkernels.models",
               "convkernels.triton_kernels"],
     # Wheels take the Triton kernels from the top-level triton_kernels/; the
     # symlink convkernels/triton_kernels serves in-tree and editable imports.

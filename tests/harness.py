@@ -60,11 +60,10 @@ def make(shape, dtype, device, layout="nchw", seed=0, offset=0.0):
     non-contiguous view (every other column of a wider tensor)."""
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = shape
-    if layout == "strided":
+    if layout == "strided":  # converted before slicing, so the view keeps its gaps
         base = torch.randn(n, c, h, 2 * w, generator=g, dtype=torch.float64) + offset
-        t = base[..., ::2]
-    else:
-        t = torch.randn(shape, generator=g, dtype=torch.float64) + offset
+        return base.to(device=device, dtype=dtype)[..., ::2]
+    t = torch.randn(shape, generator=g, dtype=torch.float64) + offset
     t = t.to(device=device, dtype=dtype)
     if layout == "channels_last":
         t = t.contiguous(memory_format=torch.channels_last)

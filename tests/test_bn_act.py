@@ -93,6 +93,22 @@ def test_shapes(target, shape, layout, affine):
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_channel_slice_input(target, fmt):
+    """A channel slice of a larger buffer (a dense-block prefix) is a valid input."""
+    buf = make((2, 9, 4, 5), torch.float32, target.device, seed=3).contiguous(memory_format=fmt)
+    x = buf[:, 2:7]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.zeros(5, device=target.device), torch.ones(5, device=target.device)
+    with on(target):
+        y = convkernels.ops.bn_act(x, rm, rv, None, None, True, 0.1, 1e-5, "relu")
+        mean, var = convkernels.ops.batch_stats(x)
+    y_ref = reference.bn_act(x.double(), None, None, training=True, act="relu")
+    assert_close(y, y_ref, torch.float32, "out", "out")
+    assert_close(var, x.double().var(dim=(0, 2, 3), unbiased=False), torch.float32, "out", "var")
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
 def test_running_stats_over_steps(target):
     """Several training steps with fresh batches, then eval, as nn.BatchNorm2d does."""
     shape = (3, 5, 4, 6)

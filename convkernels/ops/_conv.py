@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend
+from ._checks import conv_output_size
 from ._library import dense, into, memory_format
 from .primitives import acc_dtype
 
@@ -18,6 +19,21 @@ from .primitives import acc_dtype
 # takes relu (or nothing) only.
 _ONEDNN_ACT = {"relu": "relu", "identity": "none", "silu": "swish", "sigmoid": "sigmoid"}
 _ONEDNN_ACT_AFTER_ADD = {"relu": "relu", "identity": None}
+
+
+def empty_conv_out(x, weight, stride, padding, dilation):
+    """An uninitialised conv result for ``x``, in x's memory format (as aten's conv)."""
+    oh, ow = conv_output_size("conv", x, weight, stride, padding, dilation)
+    return torch.empty((x.size(0), weight.size(0), oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format(x))
+
+
+def _triton_conv(x, weight, bias, stride, padding, dilation, groups, out, **fused):
+    """conv2d_fused with its result in x's memory format unless ``out`` is given."""
+    if out is None:
+        out = empty_conv_out(x, weight, stride, padding, dilation)
+    return backend.kernels("triton").conv2d_fused(x, weight, bias, stride, padding, dilation,
+                                                  groups, out=out, **fused)
 
 
 def conv2d(x, weight, bias, stride, padding, dilation, groups):
@@ -33,9 +49,8 @@ def conv_act(name, x, weight, bias, stride, padding, dilation, groups, act, resi
     """``act(conv2d(x, weight) + bias (+ residual))`` on backend ``name``; written
     into ``out`` when given. ``bias`` is a vector in the accumulation dtype or None."""
     if name == "triton":
-        y, _, _ = backend.kernels(name).conv2d_fused(
-            x, weight, bias, stride, padding, dilation, groups, residual=residual, act=act, out=out)
-        return y
+        return _triton_conv(x, weight, bias, stride, padding, dilation, groups, out,
+                            residual=residual, act=act)[0]
     fmt = memory_format(x)
     x, residual = dense(x, fmt), dense(residual, fmt)
     if name == "cpu" and _onednn_ok(x) and (residual is None or act in _ONEDNN_ACT_AFTER_ADD):
@@ -60,8 +75,7 @@ def conv_stats(name, x, weight, bias, stride, padding, dilation, groups):
     (Triton: from the conv's epilogue, no extra pass)."""
     if name == "triton":
         bias = None if bias is None else bias.to(acc_dtype(x.dtype))
-        return backend.kernels(name).conv2d_fused(x, weight, bias, stride, padding, dilation, groups,
-                                                  stats=True)
+        return _triton_conv(x, weight, bias, stride, padding, dilation, groups, None, stats=True)
     z = conv2d(x, weight, bias, stride, padding, dilation, groups)
     z = dense(z, memory_format(z))
     mean, var = backend.kernels(name).channel_stats(z)
@@ -74,10 +88,8 @@ def act_conv(name, x, scale, shift, act, weight, bias, stride, padding, dilation
     the others materialise the transformed input first."""
     if name == "triton":
         bias = None if bias is None else bias.to(scale.dtype)
-        y, _, _ = backend.kernels(name).conv2d_fused(
-            x, weight, bias, stride, padding, dilation, groups, in_scale=scale, in_shift=shift,
-            in_act=act, out=out)
-        return y
+        return _triton_conv(x, weight, bias, stride, padding, dilation, groups, out,
+                            in_scale=scale, in_shift=shift, in_act=act)[0]
     t = backend.kernels(name).bn_act_apply(dense(x, memory_format(x)), scale, shift, None, act)
     return into(conv2d(t, weight, None if bias is None else bias.to(t.dtype), stride, padding,
                         dilation, groups), out)

@@ -14,9 +14,11 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
     that way (even with gaps), else NCHW."""
     if x.is_contiguous():
         return torch.contiguous_format
-    if x.is_contiguous(memory_format=torch.channels_last) or (
-        x.dim() == 4 and x.suggest_memory_format() == torch.channels_last
-    ):
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    # A view with gaps (e.g. a channel slice of a concatenation buffer): channels
+    # innermost means channels_last.
+    if x.dim() == 4 and x.stride(1) < x.stride(3):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -26,7 +26,7 @@ from .. import backend
 from . import reference
 from ._checks import (check_act, check_bn_args, check_conv_args, check_input, check_result_like,
                       check_vector, conv_output_size, pair)
-from ._conv import act_conv
+from ._conv import act_conv, empty_conv_out
 from ._fold import bn_scale_shift
 from ._library import define_with_out, into, memory_format, needs_grad, unpack_grads
 from . import batch_stats  # noqa: F401  (registers the op)
@@ -43,12 +43,6 @@ def _forward(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias,
                     stride, padding, dilation, groups, out)
 
 
-def _empty_out(x, conv_weight, stride, padding, dilation):
-    oh, ow = conv_output_size(OP, x, conv_weight, stride, padding, dilation)
-    return torch.empty((x.size(0), conv_weight.size(0), oh, ow), dtype=x.dtype, device=x.device,
-                       memory_format=memory_format(x))
-
-
 @torch.library.custom_op("convkernels::bn_act_conv_forward", mutates_args=())
 def bn_act_conv_forward(x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor],
                         bn_bias: Optional[Tensor], eps: float, act: str, conv_weight: Tensor,
@@ -62,7 +56,7 @@ def bn_act_conv_forward(x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optiona
 @bn_act_conv_forward.register_fake
 def _(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride, padding,
       dilation, groups, impl):
-    return _empty_out(x, conv_weight, stride, padding, dilation)
+    return empty_conv_out(x, conv_weight, stride, padding, dilation)
 
 
 @torch.library.custom_op("convkernels::bn_act_conv_out", mutates_args=("out",))

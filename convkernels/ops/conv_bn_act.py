@@ -23,7 +23,7 @@ from .. import backend
 from . import reference
 from ._checks import (check_act, check_bn_args, check_conv_args, check_input, check_result_like,
                       conv_output_size, pair)
-from ._conv import conv_act, conv_stats
+from ._conv import conv_act, conv_stats, empty_conv_out
 from ._fold import bn_scale_shift, folded_conv_params
 from ._library import dense, define_with_out, into, memory_format, needs_grad, unpack_grads
 from .bn_act import bn_act_grads, update_running_stats  # noqa: F401  (registers the op)
@@ -35,12 +35,6 @@ OP = "conv_bn_act"
 def _out_shape(x, weight, stride, padding, dilation):
     oh, ow = conv_output_size(OP, x, weight, stride, padding, dilation)
     return (x.size(0), weight.size(0), oh, ow)
-
-
-def _empty_out(x, weight, stride, padding, dilation):
-    fmt = memory_format(x)
-    return torch.empty(_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype,
-                       device=x.device, memory_format=fmt)
 
 
 # ----------------------------------------------------------- folded inference
@@ -67,7 +61,7 @@ def conv_bn_act_eval(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor]
 @conv_bn_act_eval.register_fake
 def _(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
       padding, dilation, groups, act, residual, impl):
-    return _empty_out(x, conv_weight, stride, padding, dilation)
+    return empty_conv_out(x, conv_weight, stride, padding, dilation)
 
 
 @torch.library.custom_op("convkernels::conv_bn_act_eval_out", mutates_args=("out",))
@@ -109,7 +103,7 @@ def conv_bn_act_forward(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tens
 @conv_bn_act_forward.register_fake
 def _(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, eps,
       stride, padding, dilation, groups, act, residual, impl):
-    z = _empty_out(x, conv_weight, stride, padding, dilation)
+    z = empty_conv_out(x, conv_weight, stride, padding, dilation)
     c, acc = conv_weight.size(0), acc_dtype(x.dtype)
     return torch.empty_like(z), z, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
 

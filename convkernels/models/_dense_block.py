@@ -1,0 +1,395 @@
+"""The DenseNet dense block and transition as single autograd nodes on the fused ops.
+
+Dense block (memory-efficient, after Pleiss et al. 2017, "Memory-Efficient
+Implementation of DenseNets"):
+
+* One preallocated feature buffer ``buf`` of shape ``[N, C0 + L*k, H, W]`` in
+  x's memory format. The block input is copied into ``buf[:, :C0]`` once and
+  layer ``l`` writes its ``k`` new channels into ``buf[:, C0+l*k : C0+(l+1)*k]``
+  (``bn_act_conv_out``); there is no ``torch.cat``. The block returns ``buf``.
+* Training: the batch mean / variance of a channel is computed once, when the
+  channel is produced (``batch_stats`` of the input, then of each layer's new
+  channels), and every later layer's norm1 normalises with those statistics.
+  Each norm1's running statistics are updated from them exactly as
+  ``nn.BatchNorm2d`` would update them from its own batch statistics.
+* norm1-relu1-conv1 is one ``bn_act_conv`` over the buffer prefix, and
+  norm2-relu2-conv2 one ``bn_act_conv`` written into the buffer slice.
+* The whole block is one ``torch.autograd.Function``. Saved for backward: the
+  final buffer, the per-channel statistics, each layer's bottleneck (conv1
+  output, ``bn_size*k`` channels) unless ``memory_efficient`` (then recomputed
+  in backward), dropout masks (bool) when dropout is active, and the
+  parameters. Nothing O(L^2) is stored.
+* Backward walks the layers in reverse with a gradient buffer ``gB`` of buf's
+  shape and per-channel accumulators ``gM``/``gV`` for the gradients reaching
+  the shared statistics. Layer l first finalises the gradient of its own k
+  channels (every consumer of them has run) by adding the batch-statistics
+  backward, then backprops norm2/conv2 (norm2's batch statistics folded in with
+  ``batch_stats_backward``) and norm1/conv1 with given statistics, adding into
+  ``gB[:, :c]``, ``gM[:c]`` and ``gV[:c]``.
+
+Transition: ``t = relu(bn(x))``, ``avg_pool2d(t, 2)``, then the 1x1 conv on the
+4x smaller pooled tensor (pooling and a 1x1 conv commute). One autograd node
+that saves only x (the block buffer, saved anyway) and the statistics; backward
+recomputes ``t``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..ops._library import memory_format
+from ..ops.primitives import acc_dtype
+
+_ONE = [1, 1]
+_ZERO = [0, 0]
+_ops = torch.ops.convkernels
+
+
+@dataclass
+class BNCfg:
+    """What one BatchNorm contributes to a fused call (see nn._bn_state.bn_args)."""
+
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    training: bool  # normalise with batch statistics
+    momentum: float
+    eps: float
+
+
+@dataclass
+class BlockCfg:
+    c0: int
+    growth_rate: int
+    norm1: List[BNCfg]
+    norm2: List[BNCfg]
+    drop_rate: float  # 0 when dropout is inactive (eval, or drop_rate == 0)
+    memory_efficient: bool
+    impl: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.norm1)
+
+    @property
+    def shared_stats(self) -> bool:
+        return any(b.training for b in self.norm1)
+
+
+def _stats(bn: BNCfg, x: Tensor, count: int, impl: str, shared=None):
+    """(mean, var) BN normalises x with; updates the running statistics when training."""
+    acc = acc_dtype(x.dtype)
+    if not bn.training:
+        return bn.running_mean.to(acc, copy=True), bn.running_var.to(acc, copy=True)
+    mean, var = shared if shared is not None else _ops.batch_stats(x, impl)
+    if bn.running_mean is not None:
+        _ops.update_running_stats(bn.running_mean, bn.running_var, mean, var, bn.momentum, count)
+    return mean, var
+
+
+def _dense(t: Tensor, fmt) -> Tensor:
+    """A channel slice of the buffer as a dense tensor (a transient copy unless it
+    already is one): the ops take dense NCHW or channels_last tensors."""
+    return t.contiguous(memory_format=fmt)
+
+
+def _bn_relu_conv(x, mean, var, w, b, eps, cw, padding, impl, out=None):
+    if out is None:
+        return _ops.bn_act_conv_forward(x, mean, var, w, b, eps, "relu", cw, None, _ONE, padding,
+                                        _ONE, 1, impl)
+    _ops.bn_act_conv_out(x, mean, var, w, b, eps, "relu", cw, None, _ONE, padding, _ONE, 1, impl,
+                         out)
+    return out
+
+
+def _dropout_noise(like: Tensor, p: float) -> Tensor:
+    """The noise ``F.dropout`` multiplies by on CPU (same RNG draws, same layout,
+    so a seed gives torchvision's masks; on CUDA torch uses a fused kernel with
+    another RNG order: same distribution, other masks)."""
+    if p >= 1:
+        return torch.zeros_like(like)
+    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+
+
+def block_forward(cfg: BlockCfg, x: Tensor, params, save: bool):
+    """Runs the block (no autograd). Returns buf and, with ``save``, the list of
+    tensors the backward needs (see block_backward for the layout)."""
+    impl, k, c0, nl = cfg.impl, cfg.growth_rate, cfg.c0, cfg.num_layers
+    n, _, h, w = x.shape
+    count = n * h * w
+    total = c0 + nl * k
+    acc = acc_dtype(x.dtype)
+    buf = torch.empty((n, total, h, w), dtype=x.dtype, device=x.device,
+                      memory_format=memory_format(x))
+    buf[:, :c0].copy_(x)
+    fmt = memory_format(buf)
+    mean_all = var_all = None
+    if cfg.shared_stats:
+        # Statistics of every channel a later layer normalises (not the last layer's).
+        mean_all = x.new_empty(total - k, dtype=acc)
+        var_all = x.new_empty(total - k, dtype=acc)
+        m, v = _ops.batch_stats(_dense(x, fmt), impl)
+        mean_all[:c0].copy_(m)
+        var_all[:c0].copy_(v)
+    per_layer = []
+    for l in range(nl):
+        w1, b1, cw1, w2, b2, cw2 = params[6 * l: 6 * l + 6]
+        bn1, bn2 = cfg.norm1[l], cfg.norm2[l]
+        c = c0 + l * k
+        prefix = _dense(buf[:, :c], fmt)
+        shared = (mean_all[:c], var_all[:c]) if bn1.training else None
+        m1, v1 = _stats(bn1, prefix, count, impl, shared)
+        z = _bn_relu_conv(prefix, m1, v1, w1, b1, bn1.eps, cw1, _ZERO, impl)
+        del prefix
+        m2, v2 = _stats(bn2, z, count, impl)
+        new = buf[:, c:c + k]
+        mask = None
+        if cfg.drop_rate > 0:
+            raw = _bn_relu_conv(z, m2, v2, w2, b2, bn2.eps, cw2, _ONE, impl)
+            noise = _dropout_noise(raw, cfg.drop_rate)
+            new.copy_(raw.mul_(noise))
+            del raw
+            mask = (noise != 0, noise.amax() if noise.numel() else noise.new_zeros(()))
+            del noise
+        else:
+            _bn_relu_conv(z, m2, v2, w2, b2, bn2.eps, cw2, _ONE, impl, out=new)
+        if cfg.shared_stats and l < nl - 1:
+            m, v = _ops.batch_stats(_dense(new, fmt), impl)
+            mean_all[c:c + k].copy_(m)
+            var_all[c:c + k].copy_(v)
+        if save:
+            per_layer.append((None if bn1.training else (m1, v1), m2, v2,
+                              None if cfg.memory_efficient else z, mask))
+        del z
+    if not save:
+        return buf, None
+    return buf, (mean_all, var_all, per_layer)
+
+
+def _stats_backward(gm, gv, x, mean, impl):
+    return _ops.batch_stats_backward(gm, gv, x, mean, impl)
+
+
+def block_backward(cfg: BlockCfg, grad_buf: Tensor, buf: Tensor, mean_all, var_all, per_layer,
+                   params, needs):
+    """Gradients of (x, *params); ``needs``: needs_input_grad of (x, *params)."""
+    impl, k, c0, nl = cfg.impl, cfg.growth_rate, cfg.c0, cfg.num_layers
+    g_buf = torch.empty_like(buf)
+    g_buf.copy_(grad_buf)
+    fmt = memory_format(buf)
+    shared = cfg.shared_stats
+    if shared:
+        g_mean = torch.zeros_like(mean_all)
+        g_var = torch.zeros_like(var_all)
+    grads: list = [None] * (6 * nl)
+    for l in reversed(range(nl)):
+        w1, b1, cw1, w2, b2, cw2 = params[6 * l: 6 * l + 6]
+        nw1, nb1, ncw1, nw2, nb2, ncw2 = needs[1 + 6 * l: 7 + 6 * l]
+        bn1, bn2 = cfg.norm1[l], cfg.norm2[l]
+        eval_stats1, m2, v2, z, mask = per_layer[l]
+        c = c0 + l * k
+        prefix = _dense(buf[:, :c], fmt)
+        m1, v1 = (mean_all[:c], var_all[:c]) if eval_stats1 is None else eval_stats1
+        # Every consumer of layer l's channels has run: finalise their gradient.
+        g_new = _dense(g_buf[:, c:c + k], fmt)
+        if shared and l < nl - 1:
+            g_new = g_new + _stats_backward(g_mean[c:c + k], g_var[c:c + k],
+                                            _dense(buf[:, c:c + k], fmt), mean_all[c:c + k], impl)
+        if mask is not None:
+            keep, value = mask
+            g_new = torch.where(keep, g_new * value, torch.zeros((), dtype=g_new.dtype,
+                                                                   device=g_new.device))
+        if z is None:  # memory_efficient: recompute the bottleneck
+            z = _bn_relu_conv(prefix, m1, v1, w1, b1, bn1.eps, cw1, _ZERO, impl)
+        # norm2 / relu2 / conv2; norm2's batch statistics are z's own.
+        mask2 = [True, bn2.training, bn2.training, w2 is not None and nw2,
+                 b2 is not None and nb2, ncw2, False]
+        out2 = iter(_ops.bn_act_conv_backward(g_new, z, m2, v2, w2, b2, bn2.eps, "relu", cw2, _ONE,
+                                              _ONE, _ONE, 1, False, mask2, impl))
+        g_z = next(out2)
+        gm2 = next(out2) if mask2[1] else None
+        gv2 = next(out2) if mask2[2] else None
+        grads[6 * l + 3] = next(out2) if mask2[3] else None
+        grads[6 * l + 4] = next(out2) if mask2[4] else None
+        grads[6 * l + 5] = next(out2) if mask2[5] else None
+        del g_new
+        if bn2.training:
+            g_z = g_z + _stats_backward(gm2, gv2, z, m2, impl)
+        # norm1 / relu1 / conv1 over the prefix, with given statistics.
+        need_prefix = l > 0 or needs[0]  # layer 0's prefix is the block input
+        need_stats = bn1.training and need_prefix
+        mask1 = [need_prefix, need_stats, need_stats, w1 is not None and nw1,
+                 b1 is not None and nb1, ncw1, False]
+        out1 = iter(_ops.bn_act_conv_backward(g_z, prefix, m1, v1, w1, b1, bn1.eps, "relu", cw1,
+                                              _ONE, _ZERO, _ONE, 1, False, mask1, impl))
+        del g_z, z, prefix
+        if mask1[0]:
+            g_buf[:, :c].add_(next(out1))
+        if mask1[1]:
+            g_mean[:c].add_(next(out1))
+            g_var[:c].add_(next(out1))
+        grads[6 * l] = next(out1) if mask1[3] else None
+        grads[6 * l + 1] = next(out1) if mask1[4] else None
+        grads[6 * l + 2] = next(out1) if mask1[5] else None
+    g_x = None
+    if needs[0]:
+        g_x = _dense(g_buf[:, :c0], fmt)
+        if shared:
+            g_x = g_x + _stats_backward(g_mean[:c0], g_var[:c0], _dense(buf[:, :c0], fmt),
+                                        mean_all[:c0], impl)
+        elif g_x.data_ptr() == g_buf.data_ptr():  # a view of g_buf (N == 1)
+            g_x = g_x.clone()
+    del g_buf
+    return g_x, grads
+
+
+class DenseBlockFunction(torch.autograd.Function):
+    """``buf = dense_block(x, *params)``; params are 6 per layer:
+    norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight."""
+
+    @staticmethod
+    def forward(ctx, cfg: BlockCfg, x: Tensor, *params):
+        buf, (mean_all, var_all, per_layer) = block_forward(cfg, x, params, save=True)
+        # Everything goes through save_for_backward (so saved-tensor hooks see it).
+        flat, layout = [], []
+        for eval_stats1, m2, v2, z, mask in per_layer:
+            entry = []
+            for t in ((eval_stats1 or (None, None)) + (m2, v2, z) + (mask or (None, None))):
+                entry.append(len(flat) if t is not None else None)
+                if t is not None:
+                    flat.append(t)
+            layout.append(entry)
+        ctx.save_for_backward(buf, mean_all, var_all, *params, *flat)
+        ctx.cfg, ctx.layout, ctx.num_params = cfg, layout, len(params)
+        return buf
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_buf):
+        saved = ctx.saved_tensors
+        buf, mean_all, var_all = saved[:3]
+        params = saved[3:3 + ctx.num_params]
+        flat = saved[3 + ctx.num_params:]
+        get = lambda i: None if i is None else flat[i]  # noqa: E731
+        per_layer = []
+        for e in ctx.layout:
+            s1 = None if e[0] is None else (get(e[0]), get(e[1]))
+            mask = None if e[5] is None else (get(e[5]), get(e[6]))
+            per_layer.append((s1, get(e[2]), get(e[3]), get(e[4]), mask))
+        g_x, grads = block_backward(ctx.cfg, grad_buf, buf, mean_all, var_all, per_layer, params,
+                                    ctx.needs_input_grad[1:])
+        return (None, g_x, *grads)
+
+
+# ------------------------------------------------------------------ transition
+@dataclass
+class TransitionCfg:
+    bn: BNCfg
+    impl: str
+
+
+def transition_forward(cfg: TransitionCfg, x, w, b, cw):
+    """conv1x1(avg_pool2d(relu(bn(x)), 2)); returns (y, mean, var)."""
+    bn = cfg.bn
+    t, mean, var = _ops.bn_act_forward(x, w, b, None, bn.running_mean, bn.running_var,
+                                       bn.training, bn.eps, "relu", cfg.impl)
+    if bn.training and bn.running_mean is not None:
+        _ops.update_running_stats(bn.running_mean, bn.running_var, mean, var, bn.momentum,
+                                  x.numel() // x.size(1))
+    p = F.avg_pool2d(t, 2, 2)
+    del t
+    y = torch.ops.aten.convolution(p, cw, None, _ONE, _ZERO, _ONE, False, _ZERO, 1)
+    return y, mean, var
+
+
+class TransitionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg: TransitionCfg, x, w, b, cw):
+        y, mean, var = transition_forward(cfg, x, w, b, cw)
+        ctx.save_for_backward(x, w, b, cw, mean, var)
+        ctx.cfg = cfg
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, w, b, cw, mean, var = ctx.saved_tensors
+        cfg = ctx.cfg
+        _, need_x, need_w, need_b, need_cw = ctx.needs_input_grad
+        # Recompute t = relu(bn(x)) with the statistics of the forward.
+        t, _, _ = _ops.bn_act_forward(x, w, b, None, mean, var, False, cfg.bn.eps, "relu",
+                                      cfg.impl)
+        p = F.avg_pool2d(t, 2, 2)
+        g_p, g_cw, _ = torch.ops.aten.convolution_backward(
+            grad_y, p, cw, None, _ONE, _ZERO, _ONE, False, _ZERO, 1, [True, need_cw, False])
+        del p
+        g_t = torch.ops.aten.avg_pool2d_backward(g_p, t, [2, 2], [2, 2], [0, 0], False, True, None)
+        del t, g_p
+        mask = [need_x, w is not None and need_w, b is not None and need_b, False]
+        out = iter(_ops.bn_act_backward(g_t, x, w, b, None, mean, var, cfg.bn.training, cfg.bn.eps,
+                                        "relu", mask, cfg.impl))
+        g_x = next(out) if mask[0] else None
+        g_w = next(out) if mask[1] else None
+        g_b = next(out) if mask[2] else None
+        return None, g_x, g_w, g_b, g_cw if need_cw else None
+
+
+# ------------------------------------------------------------------------ stem
+def _pair(v) -> list:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+@dataclass
+class StemCfg:
+    """conv0 (no bias) + norm0 + relu0 + max-pool0."""
+
+    bn: BNCfg
+    stride: list
+    padding: list
+    dilation: list
+    groups: int
+    pool: tuple  # (kernel_size, stride, padding, dilation, ceil_mode), pairs as lists
+    impl: str
+
+
+class StemFunction(torch.autograd.Function):
+    """``max_pool2d(relu(bn(conv2d(x))))`` saving only x and the conv output z
+    (and O(C) statistics): backward recomputes the activation and the pooling
+    indices from z instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, cfg: StemCfg, x, cw, w, b):
+        bn = cfg.bn
+        y, z, mean, var = _ops.conv_bn_act_forward(
+            x, cw, None, w, b, bn.running_mean, bn.running_var, bn.training, bn.eps, cfg.stride,
+            cfg.padding, cfg.dilation, cfg.groups, "relu", None, cfg.impl)
+        if bn.training and bn.running_mean is not None:
+            _ops.update_running_stats(bn.running_mean, bn.running_var, mean, var, bn.momentum,
+                                      z.numel() // z.size(1))
+        out = torch.ops.aten.max_pool2d(y, *cfg.pool)
+        ctx.save_for_backward(x, cw, z, w, b, mean, var)
+        ctx.cfg = cfg
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, cw, z, w, b, mean, var = ctx.saved_tensors
+        cfg = ctx.cfg
+        _, need_x, need_cw, need_w, need_b = ctx.needs_input_grad
+        # The forward's y, bit for bit (same scale/shift), hence the same argmax.
+        y, _, _ = _ops.bn_act_forward(z, w, b, None, mean, var, False, cfg.bn.eps, "relu",
+                                      cfg.impl)
+        _, idx = torch.ops.aten.max_pool2d_with_indices(y, *cfg.pool)
+        g_y = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, y, *cfg.pool, idx)
+        del y, idx
+        mask = [need_x, need_cw, False, w is not None and need_w, b is not None and need_b, False]
+        out = iter(_ops.conv_bn_act_backward(
+            g_y, x, cw, z, w, b, None, mean, var, cfg.bn.training, cfg.bn.eps, cfg.stride,
+            cfg.padding, cfg.dilation, cfg.groups, "relu", False, mask, cfg.impl))
+        grads = [next(out) if m else None for m in mask]
+        return None, grads[0], grads[1], grads[3], grads[4]
