@@ -116,3 +116,37 @@ def kernels(name: str):
 
         return triton_kernels
     raise ValueError(f"convkernels: backend {name!r} has no kernel primitives")
+
+
+# Per-shape choice between the two GPU backends: {key: backend name}.
+_TUNED: dict = {}
+
+
+def _time_ms(run, name: str, reps: int = 5) -> float:
+    run(name)  # warm-up: Triton compiles and autotunes its kernels here
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        run(name)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def resolve_tuned(device: torch.device, key: tuple, run) -> str:
+    """Like :func:`resolve`, but with ``auto`` on a GPU where both ``cuda`` and
+    ``triton`` can run, the faster of the two for this call, measured once per
+    ``key`` (the op and its shapes) and cached. ``run(name)`` must compute the
+    op on backend ``name`` without side effects. While ``torch.compile`` traces,
+    nothing is measured and the default order applies."""
+    impl = resolve(device)
+    if (get_backend() != "auto" or device.type != "cuda" or impl != "cuda"
+            or not available("triton", "cuda") or torch.compiler.is_compiling()):
+        return impl
+    choice = _TUNED.get(key)
+    if choice is None:
+        with torch.no_grad():
+            choice = min(("cuda", "triton"), key=lambda name: _time_ms(run, name))
+        _TUNED[key] = choice
+    return choice

@@ -77,3 +77,24 @@ def test_info_command():
     assert torch.__version__ in out.stdout
     if backend.available("cpu", "cpu"):
         assert "compiled    cpu" in out.stdout
+
+
+def test_gpu_auto_choice_is_measured_once_per_shape(monkeypatch):
+    """auto on a GPU times cuda and triton once per key and keeps the faster."""
+    monkeypatch.setattr(backend, "available", lambda name, kind: True)
+    monkeypatch.setattr(backend, "_TUNED", {})
+    timed = []
+
+    def fake_time(run, name):
+        timed.append(name)
+        return {"cuda": 2.0, "triton": 1.0}[name]
+
+    monkeypatch.setattr(backend, "_time_ms", fake_time)
+    gpu = torch.device("cuda")
+    run = lambda name: None  # noqa: E731
+    assert backend.resolve_tuned(gpu, ("op", 1), run) == "triton"
+    assert backend.resolve_tuned(gpu, ("op", 1), run) == "triton"
+    assert sorted(timed) == ["cuda", "triton"]  # measured once
+    with convkernels.use_backend("cuda"):
+        assert backend.resolve_tuned(gpu, ("op", 1), run) == "cuda"  # explicit choice wins
+    assert backend.resolve_tuned(torch.device("cpu"), ("op", 1), run) == "cpu"

@@ -27,6 +27,7 @@ from . import reference
 from ._checks import (check_act, check_bn_args, check_conv_args, check_input, check_result_like,
                       check_vector, conv_output_size, pair)
 from ._conv import act_conv, empty_conv_out
+from .conv_bn_act import _layout_key
 from ._fold import bn_scale_shift
 from ._library import define_with_out, into, memory_format, needs_grad, unpack_grads
 from . import batch_stats  # noqa: F401  (registers the op)
@@ -163,13 +164,21 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
             check_vector(OP, name, t, x.size(1), f"the {x.size(1)} channels of x", x)
         stats = (stats_mean, stats_var)
 
-    impl = backend.resolve(x.device)
+    conv = (list(stride), list(padding), list(dilation), groups)
+    acc = acc_dtype(x.dtype)
+
+    def run(name):  # the op on backend ``name``, without side effects (for tuning)
+        c = x.size(1)
+        return torch.ops.convkernels.bn_act_conv_forward(
+            x, x.new_zeros(c, dtype=acc), x.new_ones(c, dtype=acc), bn_weight, bn_bias, eps, act,
+            conv_weight, conv_bias, *conv, name)
+
+    impl = backend.resolve_tuned(x.device, (OP, *_layout_key(x, conv_weight), *conv, act), run)
     if impl == "reference":
         return into(reference.bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias,
                                           training, momentum, eps, act, conv_weight, conv_bias,
                                           stride, padding, dilation, groups, stats), out)
 
-    acc = acc_dtype(x.dtype)
     if training:
         mean, var = stats if stats is not None else torch.ops.convkernels.batch_stats(x, impl)
         mean, var = mean.to(acc), var.to(acc)

@@ -32,6 +32,10 @@ from .primitives import acc_dtype
 OP = "conv_bn_act"
 
 
+def _layout_key(x, weight) -> tuple:
+    return (tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape))
+
+
 def _out_shape(x, weight, stride, padding, dilation):
     oh, ow = conv_output_size(OP, x, weight, stride, padding, dilation)
     return (x.size(0), weight.size(0), oh, ow)
@@ -187,12 +191,25 @@ def _conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight
     check_result_like(OP, "out", out, shape, x)
     check_act(OP, act)
     params = (x, conv_weight, conv_bias, bn_weight, bn_bias, residual)
-    impl = backend.resolve(x.device)
+    conv = (list(stride), list(padding), list(dilation), groups)
+    folded = not training and not needs_grad(*params)
+
+    def run(name):  # the op on backend ``name``, without side effects (for tuning)
+        if folded:
+            return torch.ops.convkernels.conv_bn_act_eval(
+                x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps,
+                *conv, act, residual, name)
+        return torch.ops.convkernels.conv_bn_act_forward(
+            x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
+            eps, *conv, act, residual, name)
+
+    impl = backend.resolve_tuned(x.device, (OP, folded, training, *_layout_key(x, conv_weight),
+                                            *conv, act, residual is not None), run)
     if impl == "reference":
         y = reference.conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight,
                                   bn_bias, training, momentum, eps, stride, padding, dilation,
                                   groups, act, residual)
-    elif not training and not needs_grad(*params):
+    elif folded:
         args = (x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps,
                 list(stride), list(padding), list(dilation), groups, act, residual, impl)
         if out is not None:
