@@ -120,3 +120,36 @@ def test_bn_act_conv_module_matches_eager(target):
         assert_close(x1.grad, x2.grad.double(), torch.float32, "grad", f"grad x train={mode}")
     assert_close(ours.bn.running_var, bn.running_var.double(), torch.float32, "grad", "running_var")
     assert torch.equal(ours.bn.num_batches_tracked, bn.num_batches_tracked)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph(target, training):
+    """ConvBNAct2d and BNActConv2d compile with no graph break, forward and
+    backward, and match eager."""
+    def build():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"a": ConvBNAct2d(4, 6, 3, padding=1),
+                              "b": BNActConv2d(6, 4, 1)}).to(target.device).train(training)
+
+    def forward(m, x):
+        return m["b"](m["a"](x, residual=None)) + x
+
+    eager, twin = build(), build()
+    x = make((2, 4, 6, 6), torch.float32, target.device, seed=5)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    with on(target):
+        torch._dynamo.reset()
+        y_c = torch.compile(lambda v: forward(twin, v), fullgraph=True, dynamic=False)(xs[0])
+        y_c.sum().backward()
+        y_e = forward(eager, xs[1])
+        y_e.sum().backward()
+    assert_close(y_c, y_e.detach().double(), torch.float32, "grad", "compiled out")
+    assert_close(xs[0].grad, xs[1].grad.double(), torch.float32, "grad", "compiled grad x")
+    for (name, a), b in zip(twin.named_parameters(), eager.parameters()):
+        assert_close(a.grad, b.grad.double(), torch.float32, "grad", name)
+    for (name, a), b in zip(twin.named_buffers(), eager.buffers()):
+        if a.is_floating_point():
+            assert_close(a, b.double(), torch.float32, "grad", name)
+        else:
+            assert torch.equal(a, b), name
