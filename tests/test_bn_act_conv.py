@@ -122,4 +122,5 @@ def test_gradcheck_float64(target):
                 return convkernels.ops.bn_act_conv(
                     x, t["running_mean"].clone(), t["running_var"].clone(), bw, bb, training, 0.1,
                     1e-5, "silu", w, cb, cfg.stride, cfg.padding, 1, 1)
-        assert torch.autograd.gradcheck(f, args), training
+        # Interpreted Triton: gradcheck's fast mode (random projections) keeps it short.
+        assert torch.autograd.gradcheck(f, args, fast_mode=target.small), training

@@ -105,4 +105,5 @@ def test_gradcheck_float64(target):
                 return convkernels.ops.conv_bn_act(
                     x, w, cb, t["running_mean"].clone(), t["running_var"].clone(), bw, bb,
                     training, 0.1, 1e-5, cfg.stride, cfg.padding, 1, 1, "silu", r)
-        assert torch.autograd.gradcheck(f, args), training
+        # Interpreted Triton: gradcheck's fast mode (random projections) keeps it short.
+        assert torch.autograd.gradcheck(f, args, fast_mode=target.small), training
