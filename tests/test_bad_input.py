@@ -99,3 +99,56 @@ def test_module_rejects_without_mutation():
 def test_module_rejects_unknown_act():
     with pytest.raises(ValueError, match="unknown act 'swish'"):
         BatchNormAct2d(C, act="swish")
+
+
+def _conv_args(**over):
+    args = dict(x=torch.randn(2, 4, 6, 6), conv_weight=torch.randn(8, 4, 3, 3), conv_bias=None,
+                running_mean=torch.zeros(8), running_var=torch.ones(8), bn_weight=torch.ones(8),
+                bn_bias=torch.zeros(8), training=True, momentum=0.1, eps=1e-5, stride=1, padding=1,
+                dilation=1, groups=1, act="relu", residual=None, out=None)
+    args.update(over)
+    return args
+
+
+CONV_CASES = {
+    "input channels": (dict(conv_weight=torch.randn(8, 3, 3, 3)), ValueError, "conv_weight expects 3 input channels"),
+    "groups": (dict(groups=3), ValueError, "groups=3 must divide"),
+    "kernel too large": (dict(conv_weight=torch.randn(8, 4, 9, 9)), ValueError, "larger than the padded input"),
+    "weight dtype": (dict(conv_weight=torch.randn(8, 4, 3, 3).double()), TypeError, "conv_weight has dtype"),
+    "weight device": (dict(conv_weight=torch.randn(8, 4, 3, 3, device="meta")), ValueError, "conv_weight is on meta"),
+    "bn channels": (dict(bn_weight=torch.ones(4)), ValueError, "bn_weight must have shape"),
+    "residual shape": (dict(residual=torch.randn(2, 8, 5, 6)), ValueError, "residual has shape"),
+    "out shape": (dict(out=torch.empty(2, 8, 6, 5)), ValueError, "out has shape"),
+    "out dtype": (dict(out=torch.empty(2, 8, 6, 6, dtype=torch.float64)), TypeError, "out has dtype"),
+    "stride": (dict(stride=0), ValueError, "stride and dilation must be >= 1"),
+    "one value per channel": (dict(x=torch.randn(1, 4, 3, 3), stride=3), ValueError, "more than 1 value per channel"),
+    "unknown act": (dict(act="elu"), ValueError, "unknown act 'elu'"),
+}
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv_bn_act_rejects(target, case):
+    over, exc, message = CONV_CASES[case]
+    args = {k: (v.to(target.device) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v)
+            for k, v in _conv_args(**over).items()}
+    before = (args["running_mean"].clone(), args["running_var"].clone())
+    with on(target), pytest.raises(exc, match=message):
+        convkernels.ops.conv_bn_act(**args)
+    assert torch.equal(before[0], args["running_mean"]) and torch.equal(before[1], args["running_var"])
+
+
+@pytest.mark.parametrize("case", ["input channels", "kernel too large", "stats size"])
+def test_bn_act_conv_rejects(case):
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(8, 4, 3, 3)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    kw = dict(training=True, conv_weight=w, padding=1)
+    if case == "input channels":
+        kw["conv_weight"], exc, msg = torch.randn(8, 5, 3, 3), ValueError, "conv_weight expects 5 input channels"
+    elif case == "kernel too large":
+        kw["conv_weight"], kw["padding"], exc, msg = torch.randn(8, 4, 7, 7), 0, ValueError, "larger than the padded"
+    else:
+        kw["stats"], exc, msg = (torch.zeros(3), torch.ones(3)), ValueError, "stats mean must have shape"
+    with pytest.raises(exc, match=msg):
+        convkernels.ops.bn_act_conv(x, rm, rv, None, None, **kw)
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
