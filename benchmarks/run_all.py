@@ -1,12 +1,13 @@
-"""Runs every op benchmark, then plots the speedups.
+"""Runs the DenseNet benchmark and every op benchmark, then plots the speedups.
 
-    PYTHONPATH=. python benchmarks/run_all.py            # quick: headline + 3 model shapes; conv: 7 convs, eval
+    PYTHONPATH=. python benchmarks/run_all.py            # densenet121 train/eval; ops quick: headline + 3 model shapes; conv: 7 convs, eval
     PYTHONPATH=. python benchmarks/run_all.py --full     # every ResNet-50 / DenseNet-121 BN and conv shape
     PYTHONPATH=. python benchmarks/run_all.py --benches conv_bn_act   # one bench (+ its plot)
     PYTHONPATH=. python benchmarks/run_all.py --plot-only
 
 Every option of the bench scripts is passed on to them (see ``--help`` of
-bench_bn_act.py); ``--benches`` picks a subset. The plot goes to
+bench_bn_act.py); ``--benches`` picks a subset. ``densenet`` (the end-to-end
+model bench, first) draws its own ``<out>/<device>-densenet.png``. The op plot goes to
 ``<out>/<device>.png``: per bench, bars of speedup vs eager per case and variant,
 whiskers from the variant's p20/p80 (eager median / variant p80 .. / p20).
 With more than ``--plot-max-cases`` cases a bench is summarised per
@@ -27,7 +28,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing  # noqa: E402
 
-BENCHES = OrderedDict([("bn_act", "bench_bn_act"), ("add_act", "bench_add_act"),
+BENCHES = OrderedDict([("densenet", "bench_densenet"), ("bn_act", "bench_bn_act"),
+                       ("add_act", "bench_add_act"),
                        ("conv_bn_act", "bench_conv_bn_act")])
 
 
@@ -137,8 +139,17 @@ def main(argv=None) -> None:
             importlib.import_module(BENCHES[b]).main(rest)
         print(f"[run_all] benches done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     csv_path = os.path.join(common.out, f"{dev_name}.csv")
-    png = plot(csv_path, os.path.join(common.out, f"{dev_name}.png"), own.plot_max_cases, benches)
-    print(f"[run_all] {csv_path}\n[run_all] {png}", file=sys.stderr)
+    pngs = []
+    if "densenet" in benches:
+        import bench_densenet
+
+        pngs.append(bench_densenet.plot(csv_path,
+                                        os.path.join(common.out, f"{dev_name}-densenet.png")))
+    op_benches = [b for b in benches if b != "densenet"]
+    if op_benches:
+        pngs.append(plot(csv_path, os.path.join(common.out, f"{dev_name}.png"), own.plot_max_cases,
+                         op_benches))
+    print(f"[run_all] {csv_path}\n" + "\n".join(f"[run_all] {p}" for p in pngs), file=sys.stderr)
 
 
 if __name__ == "__main__":

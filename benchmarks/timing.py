@@ -38,7 +38,7 @@ COLUMNS = [
     "bench", "case", "variant", "backend",
     "median_ms", "p20_ms", "p80_ms", "n",
     "bytes", "gbps", "pct_peak_bw", "flops", "tflops",
-    "speedup_vs_eager", "peak_mem_mb",
+    "speedup_vs_eager", "peak_mem_mb", "mem_vs_eager",
     "device", "threads", "torch", "date", "note",
 ]
 KEY = ("bench", "case", "variant")
@@ -376,6 +376,23 @@ def common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="conv_bn_act: explicit convs 'Cin,H,W,Cout,k,stride,padding[,groups]"
                         "[,pre];...' (pre: BN->ReLU->conv, else conv->BN->ReLU); batch from "
                         "--conv-modes / --batch")
+    # densenet only (the end-to-end model bench; a fresh process per variant and mode).
+    p.add_argument("--dn-arch", default="densenet121",
+                   choices=["densenet121", "densenet161", "densenet169", "densenet201"])
+    p.add_argument("--dn-modes", default="train,eval", help="densenet: comma list of train,eval")
+    p.add_argument("--dn-variants", default=None,
+                   help="densenet: comma list (default all): torchvision, torchvision-memeff, "
+                        "torchvision-compile, convkernels, convkernels-memeff")
+    p.add_argument("--dn-size", type=int, default=224, help="densenet: image size (default 224)")
+    p.add_argument("--dn-train-batch", type=int, default=None,
+                   help="densenet: train batch (default CPU 16, CUDA 64)")
+    p.add_argument("--dn-eval-batch", type=int, default=None,
+                   help="densenet: eval batch (default CPU 8, CUDA 64)")
+    p.add_argument("--dn-steps", type=int, default=None,
+                   help="densenet: timed steps per process (default CPU 3, --full 5; CUDA 20, "
+                        "--full 50)")
+    p.add_argument("--dn-rounds", type=int, default=1,
+                   help="densenet: processes per variant and mode, taking turns (default 1)")
     return p
 
 
@@ -416,8 +433,12 @@ def parse_layouts(args, default: str = "nchw,cl") -> list:
     return out
 
 
+def memory_format(layout: str) -> torch.memory_format:
+    return torch.channels_last if layout == "cl" else torch.contiguous_format
+
+
 def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
+    return t.contiguous(memory_format=memory_format(layout))
 
 
 def shape_str(shape) -> str:
