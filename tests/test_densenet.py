@@ -31,6 +31,14 @@ SMALL = dict(growth_rate=8, block_config=(2, 3, 2), num_init_features=16, bn_siz
              num_classes=7)
 OUT_TOL = 1e-4  # fp32 outputs
 GRAD_TOL = 1e-6  # float64 gradients and running statistics
+# Under autocast (see test_autocast_matches_torchvision): outputs and running
+# statistics against torchvision under the same autocast; gradients by their
+# error against float64 torchvision, at most AMP_GRAD_RATIO times torchvision's
+# own autocast error plus AMP_GRAD_FLOOR.
+AMP_OUT_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+AMP_STATS_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+AMP_GRAD_RATIO = 1.5
+AMP_GRAD_FLOOR = 5e-2
 
 needs_cpu = pytest.mark.skipif(not backend.available("cpu", "cpu"), reason="convkernels._C not built")
 
@@ -305,6 +313,138 @@ def test_dense_layer_called_alone():
         lo.train(train), lt.train(train)
         assert rel(lo(parts), lt(parts)) <= GRAD_TOL
         assert rel(lo(torch.cat(parts, 1)), lt(torch.cat(parts, 1))) <= GRAD_TOL
+
+
+@needs_cpu
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["keep-bottleneck", "mem-eff"])
+def test_gradient_accumulation_matches_torchvision(memory_efficient):
+    """Two micro-batches, two backward passes and no zero_grad in between: the
+    accumulated gradients and the twice-updated running statistics are
+    torchvision's."""
+    ours, tv = _pair("DenseNet", torch.float64, memory_efficient, **SMALL)
+    ours.train(), tv.train()
+    for step in range(2):
+        x = _input((2, 3, 32, 32), seed=10 + step)
+        for m in (ours, tv):
+            m(x).square().mean().backward()
+    tv_params = dict(tv.named_parameters())
+    for name, p in ours.named_parameters():
+        assert rel(p.grad, tv_params[name].grad) <= GRAD_TOL, name
+    tv_state = tv.state_dict()
+    for name, t in ours.state_dict().items():
+        assert rel(t, tv_state[name]) <= GRAD_TOL if t.is_floating_point() else torch.equal(t, tv_state[name]), name
+
+
+# -------------------------------------------------------------------- autocast
+def _autocast_run(model, x, g, dtype, train):
+    """Forward (under autocast unless dtype is None) and backward of g; returns
+    (output, input grad, all parameter gradients flattened, {child: output dtype})."""
+    model.train(train)
+    dtypes = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: dtypes.__setitem__(n, o.dtype))
+             for n, m in model.features.named_children()]
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        y = model(x)
+    for h in hooks:
+        h.remove()
+    y.backward(g.to(y.dtype))
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == p.dtype, name  # gradients reach the parameters in their dtype
+    return y, x.grad, torch.cat([p.grad.flatten() for p in model.parameters()]), dtypes
+
+
+@needs_cpu
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_matches_torchvision(dtype, train):
+    """Under CPU autocast the convs run in the autocast dtype and BatchNorm in its
+    input's, with float32 parameters and running statistics, as in torchvision:
+    the same dtype for every block's and transition's output, the logits and
+    the gradients, and the same numbers up to the low dtype's rounding.
+
+    Each model rounds in its own order, and a ReLU input rounded across zero
+    flips a whole gradient path (measured: one such element moved a block's
+    fp16 input gradient 9e-2 away from float64's, in ours and torchvision
+    alike), so gradients are judged by their distance to float64 torchvision
+    against torchvision's own autocast distance. Batch 4 at 64x64: with fewer
+    values per channel, training-mode gradients in bf16 are mostly rounding
+    noise (20-100% from float64 at 2x32x32, torchvision's as ours)."""
+    ours, tv = _pair("DenseNet", torch.float32, False, **SMALL)
+    ref = _pair("DenseNet", torch.float64, False, **SMALL)[1]
+    x = _input((4, 3, 64, 64), torch.float32)
+    g = _input((4, SMALL["num_classes"]), torch.float32, seed=99)
+    y, gx, gp, dtypes = _autocast_run(ours, x, g, dtype, train)
+    y_tv, gx_tv, gp_tv, dtypes_tv = _autocast_run(tv, x, g, dtype, train)
+    y_ref, gx_ref, gp_ref, _ = _autocast_run(ref, x.double(), g.double(), None, train)
+    assert y.dtype == y_tv.dtype == dtype
+    assert "denseblock1" in dtypes and "transition1" in dtypes
+    assert dtypes == {n: dtypes_tv[n] for n in dtypes}
+    assert rel(y, y_tv) <= AMP_OUT_TOL[dtype], f"output: {rel(y, y_tv):.3g}"
+    for what, a, b, r in (("input grad", gx, gx_tv, gx_ref), ("parameter grads", gp, gp_tv, gp_ref)):
+        assert a.dtype == b.dtype, what
+        bound = AMP_GRAD_RATIO * rel(b, r) + AMP_GRAD_FLOOR
+        assert rel(a, r) <= bound, f"{what}: {rel(a, r):.3g} from float64, bound {bound:.3g}"
+    tv_state = tv.state_dict()
+    for name, t in ours.state_dict().items():
+        assert t.dtype == tv_state[name].dtype, name  # updated in place, never a cast copy
+        if t.is_floating_point():
+            assert rel(t, tv_state[name]) <= AMP_STATS_TOL[dtype], name
+        else:
+            assert torch.equal(t, tv_state[name]), name
+
+
+# --------------------------------------------------------------- torch.compile
+def _grad_errors(model, reference) -> dict:
+    """Relative error of each parameter gradient, its norm floored at 1e-3 of
+    the norm of all gradients: in training norm0's weight gradient vanishes in
+    exact arithmetic (every consumer of norm0's channels normalises them per
+    channel), so what fp32 leaves of it is rounding noise."""
+    ref = dict(reference.named_parameters())
+    floor = 1e-3 * torch.cat([p.grad.double().flatten() for p in ref.values()]).norm()
+    return {name: ((p.grad.double() - ref[name].grad.double()).norm()
+                   / ref[name].grad.double().norm().clamp_min(floor)).item()
+            for name, p in model.named_parameters()}
+
+
+@needs_cpu
+@pytest.mark.parametrize("compiler, modes", [
+    # aot_eager runs eager's kernels: the fp32 tolerances hold under autocast too.
+    ("aot_eager", ("train", "eval", "train-no-grad", "eval-no-grad", "train-bf16")),
+    ("inductor", ("train",)),  # ~100 s of C++ compilation per mode on a 2-core CPU
+], ids=["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(compiler, modes):
+    """torch.compile(fullgraph=True) traces the model with no graph break (the
+    dense block, transition and stem autograd Functions included, and under
+    bf16 autocast) and matches eager over two micro-batches (gradients
+    accumulated, running statistics updated twice, the second call reusing the
+    compiled graph)."""
+    for mode in modes:
+        train, grad, amp = mode.startswith("train"), "no-grad" not in mode, "bf16" in mode
+        eager = _pair("DenseNet", **SMALL)[0].train(train)
+        twin = _pair("DenseNet", **SMALL)[0].train(train)
+        torch._dynamo.reset()
+        compiled = torch.compile(twin, fullgraph=True, backend=compiler, dynamic=False)
+        for step in range(2):
+            x = _input((2, 3, 32, 32), torch.float32, seed=20 + step)
+            xc, xe = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                y_c, y_e = compiled(xc), eager(xe)
+            assert y_c.dtype == y_e.dtype, mode
+            assert rel(y_c, y_e) <= OUT_TOL, f"{mode} step {step} output: {rel(y_c, y_e):.3g}"
+            if grad:
+                g = _input(tuple(y_e.shape), y_e.dtype, seed=30 + step)
+                y_c.backward(g), y_e.backward(g)
+                assert rel(xc.grad, xe.grad) <= OUT_TOL, f"{mode} input grad"
+        if grad:
+            for name, err in _grad_errors(twin, eager).items():
+                assert err <= OUT_TOL, f"{mode} grad {name}: {err:.3g}"
+        eager_state = eager.state_dict()
+        for name, t in twin.state_dict().items():
+            if t.is_floating_point():
+                assert rel(t, eager_state[name]) <= OUT_TOL, f"{mode} {name}"
+            else:
+                assert torch.equal(t, eager_state[name]), f"{mode} {name}"
 
 
 # ---------------------------------------------------------------------- memory

@@ -31,6 +31,17 @@ Transition: ``t = relu(bn(x))``, ``avg_pool2d(t, 2)``, then the 1x1 conv on the
 4x smaller pooled tensor (pooling and a 1x1 conv commute). One autograd node
 that saves only x (the block buffer, saved anyway) and the statistics; backward
 recomputes ``t``.
+
+Autocast: the callers (models.densenet) cast x and the conv weights to the
+autocast dtype, as autocast casts a convolution's arguments, and run these
+functions with autocast off. The buffer, every conv and the saved tensors are
+then in that dtype, while the BN parameters stay float32 and the statistics
+in the accumulation dtype (float32), as torch's batch_norm keeps them.
+
+torch.compile(fullgraph=True) traces the three autograd Functions, forward
+and backward, with no graph break: their bodies use only ops with fake
+implementations and control flow decided by shapes and the configs (nothing
+that reads tensor data or storage addresses).
 """
 from __future__ import annotations
 
@@ -237,12 +248,13 @@ def block_backward(cfg: BlockCfg, grad_buf: Tensor, buf: Tensor, mean_all, var_a
         grads[6 * l + 2] = next(out1) if mask1[5] else None
     g_x = None
     if needs[0]:
-        g_x = _dense(g_buf[:, :c0], fmt)
         if shared:
-            g_x = g_x + _stats_backward(g_mean[:c0], g_var[:c0], _dense(buf[:, :c0], fmt),
-                                        mean_all[:c0], impl)
-        elif g_x.data_ptr() == g_buf.data_ptr():  # a view of g_buf (N == 1)
-            g_x = g_x.clone()
+            g_x = _dense(g_buf[:, :c0], fmt) + _stats_backward(
+                g_mean[:c0], g_var[:c0], _dense(buf[:, :c0], fmt), mean_all[:c0], impl)
+        else:
+            # A copy even where the slice is already dense (N == 1): a view would
+            # keep all of g_buf alive as long as the input's gradient.
+            g_x = g_buf[:, :c0].clone(memory_format=fmt)
     del g_buf
     return g_x, grads
 

@@ -16,6 +16,11 @@ through torchvision's own loading code. Parameters live in ordinary
   (4x smaller) tensor, as one autograd node that saves only its input;
 * head: ``bn_act`` (norm5 + relu), global average pooling, classifier.
 
+Under ``torch.autocast`` the convolutions run in the autocast dtype and
+BatchNorm in its input's dtype, with float32 parameters and running
+statistics, as in torchvision's model: the same dtypes throughout, float32
+gradients for the float32 parameters (see ``ops._autocast``).
+
 The ``reference`` backend runs the plain torch composite (torchvision's
 computation) instead.
 """
@@ -31,7 +36,7 @@ from torch import Tensor, nn
 
 from .. import backend, ops
 from ..nn._bn_state import bn_args, count_batch
-from ..ops import _checks
+from ..ops import _autocast, _checks
 from ..ops._library import needs_grad
 from ._dense_block import (BlockCfg, BNCfg, DenseBlockFunction, StemCfg, StemFunction,
                            TransitionCfg, TransitionFunction, block_forward, transition_forward)
@@ -48,12 +53,13 @@ def _pair(v) -> list:
     return [v, v] if isinstance(v, int) else list(v)
 
 
-def _check_stem(x, conv0: nn.Conv2d, norm0: nn.BatchNorm2d, training: bool) -> None:
-    """conv_bn_act's argument checks, before anything runs or is updated."""
+def _check_stem(x, cw, conv0: nn.Conv2d, norm0: nn.BatchNorm2d, training: bool) -> None:
+    """conv_bn_act's argument checks (``cw``: conv0's weight as the conv gets
+    it), before anything runs or is updated."""
     op = "conv_bn_act"
     _checks.check_input(op, x)
-    _checks.check_conv_args(op, x, conv0.weight, None, conv0.groups)
-    oh, ow = _checks.conv_output_size(op, x, conv0.weight, _pair(conv0.stride),
+    _checks.check_conv_args(op, x, cw, None, conv0.groups)
+    oh, ow = _checks.conv_output_size(op, x, cw, _pair(conv0.stride),
                                       _pair(conv0.padding), _pair(conv0.dilation))
     _checks.check_bn_args(op, x, norm0.running_mean, norm0.running_var, norm0.weight, norm0.bias,
                           training, channels=conv0.out_channels, count=x.size(0) * oh * ow,
@@ -151,17 +157,21 @@ class _DenseBlock(nn.ModuleDict):
             cfg = BlockCfg(self.num_input_features, self.growth_rate,
                            [n1[0] for n1, _ in norms], [n2[0] for _, n2 in norms], drop,
                            self.memory_efficient, impl)
+            if any(l.conv1.bias is not None or l.conv2.bias is not None for l in layers):
+                raise ValueError("_DenseBlock: conv biases are not supported")
+            # Under autocast the convs' tensors (the buffer is every conv's input)
+            # are cast as torch casts them; BN parameters and statistics are not.
+            x, *convs = _autocast.conv_args(x, *(w for l in layers
+                                                 for w in (l.conv1.weight, l.conv2.weight)))
             params = []
-            for l in layers:
-                if l.conv1.bias is not None or l.conv2.bias is not None:
-                    raise ValueError("_DenseBlock: conv biases are not supported")
-                params += [l.norm1.weight, l.norm1.bias, l.conv1.weight, l.norm2.weight,
-                           l.norm2.bias, l.conv2.weight]
-            if needs_grad(x, *params):
-                y = DenseBlockFunction.apply(cfg, x, *params)
-            else:
-                with torch.no_grad():
-                    y, _ = block_forward(cfg, x, params, save=False)
+            for l, cw1, cw2 in zip(layers, convs[0::2], convs[1::2]):
+                params += [l.norm1.weight, l.norm1.bias, cw1, l.norm2.weight, l.norm2.bias, cw2]
+            with _autocast.disabled(x):
+                if needs_grad(x, *params):
+                    y = DenseBlockFunction.apply(cfg, x, *params)
+                else:
+                    with torch.no_grad():
+                        y, _ = block_forward(cfg, x, params, save=False)
         for l, (n1, n2) in zip(layers, norms):
             count_batch(l.norm1, n1[1])
             count_batch(l.norm2, n2[1])
@@ -184,12 +194,14 @@ class _Transition(nn.Sequential):
             y = self.pool(self.conv(F.relu(_batch_norm(x, self.norm))))
         else:
             cfg = TransitionCfg(bn_cfg, impl)
-            args = (x, self.norm.weight, self.norm.bias, self.conv.weight)
-            if needs_grad(*args):
-                y = TransitionFunction.apply(cfg, *args)
-            else:
-                with torch.no_grad():
-                    y, _, _ = transition_forward(cfg, *args)
+            x, cw = _autocast.conv_args(x, self.conv.weight)
+            args = (x, self.norm.weight, self.norm.bias, cw)
+            with _autocast.disabled(x):
+                if needs_grad(*args):
+                    y = TransitionFunction.apply(cfg, *args)
+                else:
+                    with torch.no_grad():
+                        y, _, _ = transition_forward(cfg, *args)
         count_batch(self.norm, a)
         return y
 
@@ -204,14 +216,16 @@ class _Features(nn.Sequential):
         conv0, norm0, pool0 = self.conv0, self.norm0, self.pool0
         bn_cfg, a = _bn_cfg(norm0)
         impl = backend.resolve(x.device)
-        args = (x, conv0.weight, norm0.weight, norm0.bias)
-        if impl != "reference" and conv0.bias is None and needs_grad(*args):
+        if (impl != "reference" and conv0.bias is None
+                and needs_grad(x, conv0.weight, norm0.weight, norm0.bias)):
             pool = (_pair(pool0.kernel_size), _pair(pool0.stride or pool0.kernel_size),
                     _pair(pool0.padding), _pair(pool0.dilation), pool0.ceil_mode)
-            _check_stem(x, conv0, norm0, a.training)
+            x, cw = _autocast.conv_args(x, conv0.weight)
+            _check_stem(x, cw, conv0, norm0, a.training)
             cfg = StemCfg(bn_cfg, list(conv0.stride), list(conv0.padding), list(conv0.dilation),
                           conv0.groups, pool, impl)
-            y = StemFunction.apply(cfg, *args)
+            with _autocast.disabled(x):
+                y = StemFunction.apply(cfg, x, cw, norm0.weight, norm0.bias)
         else:
             y = ops.conv_bn_act(x, conv0.weight, conv0.bias, a.running_mean, a.running_var,
                                 norm0.weight, norm0.bias, a.training, a.momentum, norm0.eps,

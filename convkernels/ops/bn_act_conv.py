@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from . import reference
+from . import _autocast, reference
 from ._checks import (check_act, check_bn_args, check_conv_args, check_input, check_result_like,
                       check_vector, conv_output_size, pair)
 from ._conv import act_conv, empty_conv_out
@@ -145,6 +145,13 @@ _SCHEMA = ("(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor
 def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, act,
                  conv_weight, conv_bias, stride, padding, dilation, groups, stats_mean=None,
                  stats_var=None, out=None):
+    low = _autocast.dtype(x)
+    if low is not None:  # the conv's tensors in autocast's dtype (see _autocast)
+        with _autocast.disabled(x):
+            return _bn_act_conv(_autocast.cast(x, low), running_mean, running_var, bn_weight,
+                                bn_bias, training, momentum, eps, act,
+                                _autocast.cast(conv_weight, low), _autocast.cast(conv_bias, low),
+                                stride, padding, dilation, groups, stats_mean, stats_var, out)
     stride, padding, dilation = (pair(v, n, OP) for v, n in
                                  ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     check_input(OP, x)
@@ -215,6 +222,12 @@ def bn_act_conv(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
     statistics are updated from them as from the batch. ``out``: an optional
     preallocated result, e.g. a channel slice of a larger tensor (with autograd it
     is filled by a copy).
+
+    Under ``torch.autocast`` x, conv_weight and conv_bias are cast to the
+    autocast dtype (float64 stays) and the BN tensors used as they are: the
+    normalisation runs in the autocast dtype, where torch would normalise a
+    float32 x in float32 and round only the conv's input (identical when x is
+    already in the autocast dtype, as inside a network under autocast).
     """
     mean, var = (None, None) if stats is None else stats
     args = (x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, act,

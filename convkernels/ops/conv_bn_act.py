@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from . import reference
+from . import _autocast, reference
 from ._checks import (check_act, check_bn_args, check_conv_args, check_input, check_result_like,
                       conv_output_size, pair)
 from ._conv import conv_act, conv_stats, empty_conv_out
@@ -179,6 +179,13 @@ _SCHEMA = ("(Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor(a!)? runnin
 def _conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,
                  training, momentum, eps, stride, padding, dilation, groups, act, residual,
                  out=None):
+    low = _autocast.dtype(x)
+    if low is not None:  # the conv (and the residual it is added to) in autocast's dtype
+        with _autocast.disabled(x):
+            return _conv_bn_act(_autocast.cast(x, low), _autocast.cast(conv_weight, low),
+                                _autocast.cast(conv_bias, low), running_mean, running_var,
+                                bn_weight, bn_bias, training, momentum, eps, stride, padding,
+                                dilation, groups, act, _autocast.cast(residual, low), out)
     stride, padding, dilation = (pair(v, n, OP) for v, n in
                                  ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     check_input(OP, x)
@@ -244,6 +251,12 @@ def conv_bn_act(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
     weights, refreshed whenever a parameter or buffer changes). ``out``: an
     optional preallocated result, e.g. a channel slice of a larger tensor (with
     autograd it is filled by a copy).
+
+    Under ``torch.autocast`` x, conv_weight, conv_bias and residual are cast to
+    the autocast dtype (as for ``F.conv2d``; float64 stays), the BN tensors are
+    used as they are, and the result (and ``out``) is in the autocast dtype.
+    Where torch would promote ``bn(conv(x)) + residual`` to a float32
+    residual's dtype, the fused sum stays in the autocast dtype.
     """
     args = (x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, training,
             momentum, eps, pair(stride, "stride", OP), pair(padding, "padding", OP),
