@@ -26,9 +26,9 @@ compiled graphs, thread pools):
   ``memory_allocated`` before the first step.
 
 Before timing, each worker saves its first step's logits and two gradients;
-the parent checks them against ``torchvision`` (fp32 relative error <= 1e-3,
-bf16 <= 5e-2; a mismatch stops the run, except for torch.compile, which is
-only flagged in ``note``).
+the parent checks them against ``torchvision`` (relative error, CHECK_TOL; a
+mismatch stops the run, except for torch.compile, which is only flagged in
+``note``).
 
 Rows: ``bench=densenet``, ``case=<arch>/<mode>/<N>x3x<S>x<S>/<dtype>/<layout>``,
 ``median_ms``/``p20_ms``/``p80_ms`` of the step (train) or batch forward (eval),
@@ -61,8 +61,11 @@ BENCH = "densenet"
 VARIANTS = ("torchvision", "torchvision-memeff", "torchvision-compile", "convkernels",
             "convkernels-memeff")
 BASELINE = "torchvision"
-# Relative error of the first step's logits / gradients vs torchvision.
-CHECK_TOL = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 2e-2}
+# Allowed relative error vs torchvision of the first step's logits and of its
+# gradients. conv0's gradient comes back through all 121 layers of training-mode
+# BN: on 16x3x224x224 fp32 (CPU) torchvision's own is 9.8e-3 away from float64
+# and ours 8.1e-3 (7.4e-3 from torchvision's), while the logits agree to 3e-6.
+CHECK_TOL = {"fp32": (1e-3, 5e-2), "bf16": (5e-2, 2e-1), "fp16": (2e-2, 1e-1)}
 
 
 # ------------------------------------------------------------------ worker side
@@ -205,9 +208,9 @@ def _run_worker(args, variant: str, mode: str, dtype: str, layout: str, record: 
 
 def _check(variant: str, record: dict, ref: dict, dtype: str):
     """None when the first step matches torchvision's, else a message."""
-    tol = CHECK_TOL[dtype]
+    out_tol, grad_tol = CHECK_TOL[dtype]
     errs = {k: _rel(record[k], ref[k]) for k in ref}
-    bad = {k: e for k, e in errs.items() if not e <= tol}
+    bad = {k: e for k, e in errs.items() if not e <= (out_tol if k == "out" else grad_tol)}
     if bad:
         return f"{variant} != torchvision: " + ", ".join(f"{k} rel err {e:.2e}" for k, e in bad.items())
     return None
