@@ -5,6 +5,9 @@ Variants (same weights: a seeded torchvision model, loaded strictly into ours):
 * ``torchvision``          torchvision.models.densenet121() (the baseline of every ratio)
 * ``torchvision-memeff``   the same with ``memory_efficient=True`` (checkpointing)
 * ``torchvision-compile``  ``torch.compile`` of the torchvision model
+* ``torchvision-cl``       the torchvision model and input in channels_last (what a
+                           user could do by hand; convkernels runs CPU inference
+                           channels_last inside)
 * ``convkernels``          convkernels.models.densenet121() (shared-buffer blocks)
 * ``convkernels-memeff``   the same with ``memory_efficient=True`` (conv1 recomputed)
 
@@ -58,8 +61,8 @@ if __package__ in (None, ""):
 import timing  # noqa: E402
 
 BENCH = "densenet"
-VARIANTS = ("torchvision", "torchvision-memeff", "torchvision-compile", "convkernels",
-            "convkernels-memeff")
+VARIANTS = ("torchvision", "torchvision-memeff", "torchvision-compile", "torchvision-cl",
+            "convkernels", "convkernels-memeff")
 BASELINE = "torchvision"
 # Allowed relative error vs torchvision of the first step's logits and of its
 # gradients. conv0's gradient comes back through all 121 layers of training-mode
@@ -98,6 +101,8 @@ def _build(variant: str, arch: str, device, layout: str):
         del tv
     else:
         model = tv
+    if variant.endswith("-cl"):
+        layout = "cl"
     model = model.to(device, memory_format=timing.memory_format(layout))
     if variant.endswith("-compile"):
         model = torch.compile(model)
@@ -116,7 +121,8 @@ def _worker(args) -> None:
     model.train(train)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, args.dn_size, args.dn_size, generator=g).to(device)
-    x = x.contiguous(memory_format=timing.memory_format(args.dn_layout))
+    layout = "cl" if args.dn_variant.endswith("-cl") else args.dn_layout
+    x = x.contiguous(memory_format=timing.memory_format(layout))
     target = torch.randint(0, 1000, (batch,), generator=g).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if train else None
     # fp32 runs as is; bf16/fp16 as mixed precision (fp32 weights, autocast).

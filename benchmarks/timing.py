@@ -382,7 +382,7 @@ def common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dn-modes", default="train,eval", help="densenet: comma list of train,eval")
     p.add_argument("--dn-variants", default=None,
                    help="densenet: comma list (default all): torchvision, torchvision-memeff, "
-                        "torchvision-compile, convkernels, convkernels-memeff")
+                        "torchvision-compile, torchvision-cl, convkernels, convkernels-memeff")
     p.add_argument("--dn-size", type=int, default=224, help="densenet: image size (default 224)")
     p.add_argument("--dn-train-batch", type=int, default=None,
                    help="densenet: train batch (default CPU 16, CUDA 64)")

@@ -468,8 +468,10 @@ def _saved_activation_bytes(model, x):
 
 def _design_bound(model, x, bottlenecks: bool) -> int:
     """What the shared-buffer design saves: the block buffers (+ the bottlenecks
-    unless memory_efficient), the stem's input and conv output, the per-channel statistics
-    (mean and var of every channel produced, once) and the classifier input; +1%."""
+    unless memory_efficient), the stem's input and conv output, each
+    transition's pooled activation (a quarter of its input), the per-channel
+    statistics (mean and var of every channel produced, once) and the
+    classifier input; +1%."""
     n, _, h, w = x.shape
     b = x.element_size()
     stats = 0  # channels whose (mean, var) pair is kept
@@ -491,6 +493,7 @@ def _design_bound(model, x, bottlenecks: bool) -> int:
         elif name.startswith("transition"):
             stats += block.norm.num_features
             h, w = h // 2, w // 2
+            total += n * block.norm.num_features * h * w * b
     stats += model.features.norm5.num_features
     total += 2 * stats * 4 + n * model.classifier.in_features * b
     return int(total * 1.01)

@@ -13,7 +13,11 @@ Implementation of DenseNets"):
   Each norm1's running statistics are updated from them exactly as
   ``nn.BatchNorm2d`` would update them from its own batch statistics.
 * norm1-relu1-conv1 is one ``bn_act_conv`` over the buffer prefix, and
-  norm2-relu2-conv2 one ``bn_act_conv`` written into the buffer slice.
+  norm2-relu2-conv2 one ``bn_act_conv`` written into the buffer slice. The
+  prefix is a channel slice of buf, not a dense tensor: the cpu kernels read
+  it in place (no O(L^2) copying), other backends get a dense copy.
+* Eval without autograd on the cpu backend folds norm2 into conv1, with relu2
+  as oneDNN's post-op (see _eval_layer_cpu).
 * The whole block is one ``torch.autograd.Function``. Saved for backward: the
   final buffer, the per-channel statistics, each layer's bottleneck (conv1
   output, ``bn_size*k`` channels) unless ``memory_efficient`` (then recomputed
@@ -29,8 +33,9 @@ Implementation of DenseNets"):
 
 Transition: ``t = relu(bn(x))``, ``avg_pool2d(t, 2)``, then the 1x1 conv on the
 4x smaller pooled tensor (pooling and a 1x1 conv commute). One autograd node
-that saves only x (the block buffer, saved anyway) and the statistics; backward
-recomputes ``t``.
+that saves x (the block buffer, saved anyway), the statistics and the pooled
+tensor (a quarter of t's size); backward needs t neither for the conv (it has
+the pooled tensor) nor for the pooling's backward (only its shape).
 
 Autocast: the callers (models.densenet) cast x and the conv weights to the
 autocast dtype, as autocast casts a convolution's arguments, and run these
@@ -103,8 +108,8 @@ def _stats(bn: BNCfg, x: Tensor, count: int, impl: str, shared=None):
 
 
 def _dense(t: Tensor, fmt) -> Tensor:
-    """A channel slice of the buffer as a dense tensor (a transient copy unless it
-    already is one): the ops take dense NCHW or channels_last tensors."""
+    """A channel slice of the gradient buffer as a dense tensor (a copy of k
+    channels unless it already is one), for the ops that take only dense ones."""
     return t.contiguous(memory_format=fmt)
 
 
@@ -126,6 +131,20 @@ def _dropout_noise(like: Tensor, p: float) -> Tensor:
     return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
 
 
+def _eval_layer_cpu(prefix, bn1, w1, b1, cw1, bn2, w2, b2, cw2, new):
+    """One layer in eval without autograd on the cpu backend, where the conv has
+    no input prologue (bn_act_conv materialises relu(norm1(prefix)) anyway):
+    norm2 is folded into conv1 (cached folded weights) with relu2 as oneDNN's
+    post-op, which saves the pass over the bottleneck that norm2-relu2 would
+    take, then conv2 writes the layer's channels."""
+    t = _ops.bn_act_forward(prefix, w1, b1, None, bn1.running_mean, bn1.running_var, False,
+                            bn1.eps, "relu", "cpu")[0]
+    u = _ops.conv_bn_act_eval(t, cw1, None, bn2.running_mean, bn2.running_var, w2, b2, bn2.eps,
+                              _ONE, _ZERO, _ONE, 1, "relu", None, "cpu")
+    del t
+    new.copy_(torch.ops.aten.convolution(u, cw2, None, _ONE, _ONE, _ONE, False, _ZERO, 1))
+
+
 def block_forward(cfg: BlockCfg, x: Tensor, params, save: bool):
     """Runs the block (no autograd). Returns buf and, with ``save``, the list of
     tensors the backward needs (see block_backward for the layout)."""
@@ -137,13 +156,12 @@ def block_forward(cfg: BlockCfg, x: Tensor, params, save: bool):
     buf = torch.empty((n, total, h, w), dtype=x.dtype, device=x.device,
                       memory_format=memory_format(x))
     buf[:, :c0].copy_(x)
-    fmt = memory_format(buf)
     mean_all = var_all = None
     if cfg.shared_stats:
         # Statistics of every channel a later layer normalises (not the last layer's).
         mean_all = x.new_empty(total - k, dtype=acc)
         var_all = x.new_empty(total - k, dtype=acc)
-        m, v = _ops.batch_stats(_dense(x, fmt), impl)
+        m, v = _ops.batch_stats(x, impl)
         mean_all[:c0].copy_(m)
         var_all[:c0].copy_(v)
     per_layer = []
@@ -151,7 +169,11 @@ def block_forward(cfg: BlockCfg, x: Tensor, params, save: bool):
         w1, b1, cw1, w2, b2, cw2 = params[6 * l: 6 * l + 6]
         bn1, bn2 = cfg.norm1[l], cfg.norm2[l]
         c = c0 + l * k
-        prefix = _dense(buf[:, :c], fmt)
+        prefix = buf[:, :c]
+        if not save and impl == "cpu" and not (bn1.training or bn2.training or cfg.drop_rate):
+            _eval_layer_cpu(prefix, bn1, w1, b1, cw1, bn2, w2, b2, cw2, buf[:, c:c + k])
+            del prefix
+            continue
         shared = (mean_all[:c], var_all[:c]) if bn1.training else None
         m1, v1 = _stats(bn1, prefix, count, impl, shared)
         z = _bn_relu_conv(prefix, m1, v1, w1, b1, bn1.eps, cw1, _ZERO, impl)
@@ -169,7 +191,7 @@ def block_forward(cfg: BlockCfg, x: Tensor, params, save: bool):
         else:
             _bn_relu_conv(z, m2, v2, w2, b2, bn2.eps, cw2, _ONE, impl, out=new)
         if cfg.shared_stats and l < nl - 1:
-            m, v = _ops.batch_stats(_dense(new, fmt), impl)
+            m, v = _ops.batch_stats(new, impl)
             mean_all[c:c + k].copy_(m)
             var_all[c:c + k].copy_(v)
         if save:
@@ -203,13 +225,14 @@ def block_backward(cfg: BlockCfg, grad_buf: Tensor, buf: Tensor, mean_all, var_a
         bn1, bn2 = cfg.norm1[l], cfg.norm2[l]
         eval_stats1, m2, v2, z, mask = per_layer[l]
         c = c0 + l * k
-        prefix = _dense(buf[:, :c], fmt)
+        prefix = buf[:, :c]
         m1, v1 = (mean_all[:c], var_all[:c]) if eval_stats1 is None else eval_stats1
         # Every consumer of layer l's channels has run: finalise their gradient.
         g_new = _dense(g_buf[:, c:c + k], fmt)
         if shared and l < nl - 1:
-            g_new = g_new + _stats_backward(g_mean[c:c + k], g_var[c:c + k],
-                                            _dense(buf[:, c:c + k], fmt), mean_all[c:c + k], impl)
+            # In place: g_new is a copy, or (N == 1) a view of channels no one reads again.
+            g_new = g_new.add_(_stats_backward(g_mean[c:c + k], g_var[c:c + k], buf[:, c:c + k],
+                                               mean_all[c:c + k], impl))
         if mask is not None:
             keep, value = mask
             g_new = torch.where(keep, g_new * value, torch.zeros((), dtype=g_new.dtype,
@@ -229,7 +252,7 @@ def block_backward(cfg: BlockCfg, grad_buf: Tensor, buf: Tensor, mean_all, var_a
         grads[6 * l + 5] = next(out2) if mask2[5] else None
         del g_new
         if bn2.training:
-            g_z = g_z + _stats_backward(gm2, gv2, z, m2, impl)
+            g_z.add_(_stats_backward(gm2, gv2, z, m2, impl))
         # norm1 / relu1 / conv1 over the prefix, with given statistics.
         need_prefix = l > 0 or needs[0]  # layer 0's prefix is the block input
         need_stats = bn1.training and need_prefix
@@ -250,7 +273,7 @@ def block_backward(cfg: BlockCfg, grad_buf: Tensor, buf: Tensor, mean_all, var_a
     if needs[0]:
         if shared:
             g_x = _dense(g_buf[:, :c0], fmt) + _stats_backward(
-                g_mean[:c0], g_var[:c0], _dense(buf[:, :c0], fmt), mean_all[:c0], impl)
+                g_mean[:c0], g_var[:c0], buf[:, :c0], mean_all[:c0], impl)
         else:
             # A copy even where the slice is already dense (N == 1): a view would
             # keep all of g_buf alive as long as the input's gradient.
@@ -305,7 +328,7 @@ class TransitionCfg:
 
 
 def transition_forward(cfg: TransitionCfg, x, w, b, cw):
-    """conv1x1(avg_pool2d(relu(bn(x)), 2)); returns (y, mean, var)."""
+    """conv1x1(avg_pool2d(relu(bn(x)), 2)); returns (y, mean, var, pooled)."""
     bn = cfg.bn
     t, mean, var = _ops.bn_act_forward(x, w, b, None, bn.running_mean, bn.running_var,
                                        bn.training, bn.eps, "relu", cfg.impl)
@@ -315,32 +338,29 @@ def transition_forward(cfg: TransitionCfg, x, w, b, cw):
     p = F.avg_pool2d(t, 2, 2)
     del t
     y = torch.ops.aten.convolution(p, cw, None, _ONE, _ZERO, _ONE, False, _ZERO, 1)
-    return y, mean, var
+    return y, mean, var, p
 
 
 class TransitionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: TransitionCfg, x, w, b, cw):
-        y, mean, var = transition_forward(cfg, x, w, b, cw)
-        ctx.save_for_backward(x, w, b, cw, mean, var)
+        y, mean, var, p = transition_forward(cfg, x, w, b, cw)
+        ctx.save_for_backward(x, w, b, cw, mean, var, p)
         ctx.cfg = cfg
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, w, b, cw, mean, var = ctx.saved_tensors
+        x, w, b, cw, mean, var, p = ctx.saved_tensors
         cfg = ctx.cfg
         _, need_x, need_w, need_b, need_cw = ctx.needs_input_grad
-        # Recompute t = relu(bn(x)) with the statistics of the forward.
-        t, _, _ = _ops.bn_act_forward(x, w, b, None, mean, var, False, cfg.bn.eps, "relu",
-                                      cfg.impl)
-        p = F.avg_pool2d(t, 2, 2)
         g_p, g_cw, _ = torch.ops.aten.convolution_backward(
             grad_y, p, cw, None, _ONE, _ZERO, _ONE, False, _ZERO, 1, [True, need_cw, False])
         del p
-        g_t = torch.ops.aten.avg_pool2d_backward(g_p, t, [2, 2], [2, 2], [0, 0], False, True, None)
-        del t, g_p
+        # The pooling's backward reads only its input's shape (and layout): x's.
+        g_t = torch.ops.aten.avg_pool2d_backward(g_p, x, [2, 2], [2, 2], [0, 0], False, True, None)
+        del g_p
         mask = [need_x, w is not None and need_w, b is not None and need_b, False]
         out = iter(_ops.bn_act_backward(g_t, x, w, b, None, mean, var, cfg.bn.training, cfg.bn.eps,
                                         "relu", mask, cfg.impl))

@@ -13,7 +13,7 @@ import torch
 from .. import backend
 from ._checks import conv_output_size
 from ._library import dense, into, memory_format
-from .primitives import acc_dtype
+from .primitives import acc_dtype, bn_input
 
 # oneDNN post-op names of our activations. After a fused residual add oneDNN
 # takes relu (or nothing) only.
@@ -90,6 +90,7 @@ def act_conv(name, x, scale, shift, act, weight, bias, stride, padding, dilation
         bias = None if bias is None else bias.to(scale.dtype)
         return _triton_conv(x, weight, bias, stride, padding, dilation, groups, out,
                             in_scale=scale, in_shift=shift, in_act=act)[0]
-    t = backend.kernels(name).bn_act_apply(dense(x, memory_format(x)), scale, shift, None, act)
+    k = backend.kernels(name)
+    t = k.bn_act_apply(bn_input(k, x, memory_format(x)), scale, shift, None, act)
     return into(conv2d(t, weight, None if bias is None else bias.to(t.dtype), stride, padding,
                         dilation, groups), out)

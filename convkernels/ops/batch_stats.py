@@ -15,14 +15,14 @@ from torch import Tensor
 from .. import backend
 from ._checks import check_input
 from ._library import dense, memory_format
-from .primitives import acc_dtype
+from .primitives import acc_dtype, bn_input
 
 
 @torch.library.custom_op("convkernels::batch_stats", mutates_args=())
 def batch_stats_op(x: Tensor, impl: str) -> tuple[Tensor, Tensor]:
     """(mean, biased var) over N, H, W, in the accumulation dtype, on backend ``impl``."""
     k = backend.kernels(impl)
-    return k.channel_stats(dense(x, memory_format(x)))
+    return k.channel_stats(bn_input(k, x, memory_format(x)))
 
 
 @batch_stats_op.register_fake
@@ -42,7 +42,7 @@ def batch_stats_backward(grad_mean: Optional[Tensor], grad_var: Optional[Tensor]
     # grad_x = x * (2 gv / n) + (gm - 2 gv mean) / n: an affine map per channel.
     scale = 2 * gv / n
     shift = (gm - 2 * gv * mean) / n
-    return k.bn_act_apply(dense(x, memory_format(x)), scale, shift, None, "identity")
+    return k.bn_act_apply(bn_input(k, x, memory_format(x)), scale, shift, None, "identity")
 
 
 @batch_stats_backward.register_fake

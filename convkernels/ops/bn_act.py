@@ -29,7 +29,7 @@ from . import reference
 from ._checks import check_act, check_bn_args, check_like
 from ._fold import bn_scale_shift
 from ._library import LIB, dense, memory_format, unpack_grads
-from .primitives import acc_dtype
+from .primitives import acc_dtype, bn_input
 
 OP = "bn_act"
 
@@ -44,7 +44,7 @@ def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     the running statistics, in the accumulation dtype. ``impl``: the backend."""
     k = backend.kernels(impl)
     fmt = memory_format(x)
-    x, residual = dense(x, fmt), dense(residual, fmt)
+    x, residual = bn_input(k, x, fmt), dense(residual, fmt)
     acc = acc_dtype(x.dtype)
     if training:
         mean, var = k.channel_stats(x)
@@ -75,7 +75,7 @@ def bn_act_grads(k, grad_y, x, weight, bias, residual, mean, var, eps, act, *, b
     Returns a dict with the gradients asked for (x, weight, bias, residual, mean, var).
     """
     fmt = memory_format(x)
-    x, grad_y, residual = dense(x, fmt), dense(grad_y, fmt), dense(residual, fmt)
+    x, grad_y, residual = bn_input(k, x, fmt), dense(grad_y, fmt), dense(residual, fmt)
     invstd = torch.rsqrt(var + eps)
     scale, shift = bn_scale_shift(weight, bias, mean, invstd)
     out = {}

@@ -32,7 +32,7 @@ from ._fold import bn_scale_shift
 from ._library import define_with_out, into, memory_format, needs_grad, unpack_grads
 from . import batch_stats  # noqa: F401  (registers the op)
 from .bn_act import bn_act_grads, update_running_stats  # noqa: F401
-from .primitives import acc_dtype
+from .primitives import acc_dtype, bn_input
 
 OP = "bn_act_conv"
 
@@ -87,7 +87,7 @@ def bn_act_conv_backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor,
     k = backend.kernels(impl)
     scale, shift = bn_scale_shift(bn_weight, bn_bias, mean, torch.rsqrt(var + eps))
     fmt = memory_format(x)
-    t = k.bn_act_apply(x.contiguous(memory_format=fmt), scale, shift, None, act)
+    t = k.bn_act_apply(bn_input(k, x, fmt), scale, shift, None, act)
     need_t = need_x or need_m or need_v or need_bw or need_bb
     grad_t, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
         grad_y, t, conv_weight, [conv_weight.size(0)] if has_conv_bias else None, stride, padding,

@@ -15,7 +15,8 @@ Contract, shared by all primitives:
 * ``x``, ``grad_y`` and ``residual`` are 4-D ``[N, C, H, W]`` tensors of one
   floating dtype (fp32, fp16, bf16; fp64 on CPU) and one device, all dense in
   the same memory format: NCHW-contiguous or channels_last-contiguous (the
-  caller makes them so). Outputs are ``torch.empty_like(x)``: same format.
+  caller makes them so; see :func:`bn_input` for the one exception). Outputs
+  are dense in that format.
 * Per-channel vectors (``scale``, ``shift``, ``center``, ``k1``..``k3``, the
   returned statistics) are contiguous ``[C]`` tensors of the accumulation dtype:
   float64 when x is float64, else float32. ``scale`` of add_act is ``[N]`` of the
@@ -70,7 +71,36 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 class CompiledKernels:
     """The primitives of ``convkernels._C`` (one object, CPU and CUDA alike)."""
 
+    # The CPU kernels of the BN primitives (channel_stats, bn_act_*) also take
+    # an ``x`` that is a channel slice of a dense tensor, reading it in place
+    # (csrc/cpu/channel_loops.h, Layout::xrow).
+    @staticmethod
+    def reads_channel_slices(x: torch.Tensor) -> bool:
+        return x.device.type == "cpu"
+
     def __getattr__(self, name):
         if name not in NAMES:
             raise AttributeError(name)
         return getattr(torch.ops.convkernels_C, name)
+
+
+def _channel_slice(x: torch.Tensor, fmt: torch.memory_format) -> bool:
+    """x is a channel slice of a tensor dense in ``fmt``: its strides but for a
+    larger batch stride (NCHW) or pixel stride (channels_last)."""
+    if x.dim() != 4:
+        return False
+    _, c, h, w = x.shape
+    s = x.stride()
+    if fmt == torch.channels_last:
+        return s[1] == 1 and s[3] >= c and s[2] == w * s[3] and s[0] == h * w * s[3]
+    return s[3] == 1 and s[2] == w and s[1] == h * w and s[0] >= c * h * w
+
+
+def bn_input(k, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """``x`` as the BN primitives of kernels ``k`` take it (x is their ``x``
+    argument): a channel slice as is where ``k`` reads slices in place (a
+    DenseNet block's buffer prefix: no copy), else dense in ``fmt``."""
+    reads = getattr(k, "reads_channel_slices", None)
+    if reads is not None and reads(x) and _channel_slice(x, fmt):
+        return x
+    return x.contiguous(memory_format=fmt)

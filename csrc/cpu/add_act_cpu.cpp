@@ -76,7 +76,7 @@ std::tuple<Tensor, Tensor> add_act_backward_cpu(const Tensor& grad_y, const Tens
   const Layout L = check_layout(op, x, {&grad_y, &residual});
   const auto acc_t = acc_scalar_type(x.scalar_type());
   const Act a = act_of(act);
-  GradOutputs out(x, need_grad_x, need_grad_residual);
+  GradOutputs out(x, L, need_grad_x, need_grad_residual);
   if (out.none()) return out.tuple();
   CK_DISPATCH(x.scalar_type(), "add_act_backward", [&] {
     const scalar_t* gp = grad_y.const_data_ptr<scalar_t>();

@@ -5,7 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -32,10 +31,11 @@ inline V bn_z(const V& xv, const T* rp, int64_t off, N n, const V* P) {
 }
 
 // Checks of the BN primitives: x (and grad_y, residual where given) dense in
-// one layout, scale and shift [C] vectors of the accumulation dtype.
+// one layout, x possibly a channel slice of a larger tensor (read in place
+// through Off::x); scale and shift [C] vectors of the accumulation dtype.
 inline Layout check_bn(const char* op, const Tensor& x, const Tensor* grad_y, const Tensor* res,
                        const Tensor& scale, const Tensor& shift) {
-  const Layout L = check_layout(op, x, {grad_y, res});
+  const Layout L = check_layout(op, x, {grad_y, res}, /*strided_x=*/true);
   const auto acc_t = acc_scalar_type(x.scalar_type());
   check_vec(op, "scale", scale, L.C, acc_t);
   check_vec(op, "shift", shift, L.C, acc_t);
@@ -46,7 +46,7 @@ inline Layout check_bn(const char* op, const Tensor& x, const Tensor* grad_y, co
 // double, with s[c] = x[0, c, 0, 0] (shifted sums: no cancellation when the
 // mean is large compared to the spread).
 std::tuple<Tensor, Tensor> channel_stats_cpu(const Tensor& x) {
-  const Layout L = check_layout("channel_stats", x, {});
+  const Layout L = check_layout("channel_stats", x, {}, /*strided_x=*/true);
   const auto acc_t = acc_scalar_type(x.scalar_type());
   Tensor mean = at::empty({L.C}, x.options().dtype(acc_t));
   Tensor var = at::empty({L.C}, x.options().dtype(acc_t));
@@ -64,8 +64,8 @@ std::tuple<Tensor, Tensor> channel_stats_cpu(const Tensor& x) {
       shift[c] = static_cast<M>(xp[L.channels_last ? c : c * L.HW]);
     const std::array<const M*, 1> chan{shift.data()};
     const std::vector<double> s =
-        channel_reduce<2>(L, chan, [=](int64_t off, auto n, const V* P) {
-          const V d = io::load(xp + off, n) - P[0];
+        channel_reduce<2>(L, chan, [=](Off off, auto n, const V* P) {
+          const V d = io::load(xp + off.x, n) - P[0];
           return std::array<V, 2>{d, d * d};
         });
     for (int64_t c = 0; c < L.C; ++c) {
@@ -84,7 +84,7 @@ Tensor bn_act_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shif
   const Tensor* res = opt_ptr(residual);
   const Layout L = check_bn("bn_act_apply", x, nullptr, res, scale, shift);
   const Act a = act_of(act);
-  Tensor y = at::empty_like(x);
+  Tensor y = empty_dense(x, L);
   CK_DISPATCH(x.scalar_type(), "bn_act_apply", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = res ? res->const_data_ptr<scalar_t>() : nullptr;
@@ -93,9 +93,9 @@ Tensor bn_act_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shif
     dispatch_act_bool(a, res != nullptr, [&](auto A, auto R) {
       constexpr Act kA = decltype(A)::value;
       constexpr bool kR = decltype(R)::value;
-      channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
-        const V z = bn_z<kR, io>(io::load(xp + off, n), rp, off, n, P);
-        io::store(yp + off, vact_forward<kA>(z), n);
+      channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](Off off, auto n, const V* P) {
+        const V z = bn_z<kR, io>(io::load(xp + off.x, n), rp, off.d, n, P);
+        io::store(yp + off.d, vact_forward<kA>(z), n);
       }, want_stream(L, sizeof(scalar_t)));
     });
   });
@@ -126,11 +126,11 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce_cpu(const Tensor& grad_y, cons
     dispatch_act_bool(a, res != nullptr, [&](auto A, auto R) {
       constexpr Act kA = decltype(A)::value;
       constexpr bool kR = decltype(R)::value;
-      s = channel_reduce<2>(L, chan, [=](int64_t off, auto n, const V* P) {
-        const V xv = io::load(xp + off, n);
-        V gz = io::load(gp + off, n);
+      s = channel_reduce<2>(L, chan, [=](Off off, auto n, const V* P) {
+        const V xv = io::load(xp + off.x, n);
+        V gz = io::load(gp + off.d, n);
         if constexpr (kA != Act::kIdentity)
-          gz = vact_grad_mul<kA>(bn_z<kR, io>(xv, rp, off, n, P), gz);
+          gz = vact_grad_mul<kA>(bn_z<kR, io>(xv, rp, off.d, n, P), gz);
         return std::array<V, 2>{gz, gz * (xv - P[2])};
       });
     });
@@ -159,7 +159,7 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply_cpu(
     check_vec(op, "k3", k3, L.C, acc_t);
   }
   const Act a = act_of(act);
-  GradOutputs out(x, need_grad_x, need_grad_residual);
+  GradOutputs out(x, L, need_grad_x, need_grad_residual);
   if (out.none()) return out.tuple();
   CK_DISPATCH(x.scalar_type(), "bn_act_backward_apply", [&] {
     const scalar_t* gp = grad_y.const_data_ptr<scalar_t>();
@@ -175,21 +175,21 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply_cpu(
       if (need_grad_x) {
         const std::array<const M*, 5> chan{sc, sh, k1.const_data_ptr<M>(), k2.const_data_ptr<M>(),
                                            k3.const_data_ptr<M>()};
-        channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
-          const V xv = io::load(xp + off, n);
-          V gz = io::load(gp + off, n);
+        channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](Off off, auto n, const V* P) {
+          const V xv = io::load(xp + off.x, n);
+          V gz = io::load(gp + off.d, n);
           if constexpr (kA != Act::kIdentity)
-          gz = vact_grad_mul<kA>(bn_z<kR, io>(xv, rp, off, n, P), gz);
-          io::store(gxp + off, at::vec::fmadd(P[2], gz, at::vec::fmadd(P[3], xv, P[4])), n);
-          if (grp) io::store(grp + off, gz, n);
+            gz = vact_grad_mul<kA>(bn_z<kR, io>(xv, rp, off.d, n, P), gz);
+          io::store(gxp + off.d, at::vec::fmadd(P[2], gz, at::vec::fmadd(P[3], xv, P[4])), n);
+          if (grp) io::store(grp + off.d, gz, n);
         }, want_stream(L, sizeof(scalar_t)));
       } else {  // x is read only when the activation needs z
         const std::array<const M*, 2> chan{sc, sh};
-        channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](int64_t off, auto n, const V* P) {
-          V gz = io::load(gp + off, n);
+        channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](Off off, auto n, const V* P) {
+          V gz = io::load(gp + off.d, n);
           if constexpr (kA != Act::kIdentity)
-            gz = vact_grad_mul<kA>(bn_z<kR, io>(io::load(xp + off, n), rp, off, n, P), gz);
-          io::store(grp + off, gz, n);
+            gz = vact_grad_mul<kA>(bn_z<kR, io>(io::load(xp + off.x, n), rp, off.d, n, P), gz);
+          io::store(grp + off.d, gz, n);
         }, want_stream(L, sizeof(scalar_t)));
       }
     });

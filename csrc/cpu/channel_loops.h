@@ -6,7 +6,9 @@
 //
 // Both call the op's kernel `f(off, n, P)` on one vector step: the elements
 // [off, off + lanes(n)) of the flat (memory-order) tensor, where `n` is Full or
-// an int64_t tail count, and P[i] holds, lane by lane, the per-channel
+// an int64_t tail count (`off` is an Off: it converts to that flat offset, and
+// off.x is the step's offset into x, which may be a channel slice of a larger
+// tensor, see Layout::xrow), and P[i] holds, lane by lane, the per-channel
 // parameter chan[i][c] of each element (then, for channel_map, the per-sample
 // parameters samp[j][n]). NCHW: a step lies in one (n, c) plane and the
 // parameters are broadcast once per plane. channels_last: a step covers
@@ -18,7 +20,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <array>
@@ -36,13 +38,42 @@ namespace cpu {
 struct Layout {
   int64_t N = 0, C = 0, HW = 0;
   bool channels_last = false;
+  // x's row stride: NCHW, from one sample to the next (C * HW when dense);
+  // channels_last, from one pixel to the next (C when dense). Larger for a
+  // channel slice of a bigger tensor (a DenseNet block's feature buffer): the
+  // kernels then read x in place instead of from a dense copy.
+  int64_t xrow = 0;
   int64_t numel() const { return N * C * HW; }
+  at::MemoryFormat format() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
 };
+
+// A vector step's offsets: `d` into the dense tensors of the call (outputs,
+// grad_y, residual; the flat memory-order index) and `x` into x.
+struct Off {
+  int64_t d, x;
+  operator int64_t() const { return d; }
+};
+
+// x is a channel slice of a dense NCHW (or channels_last) tensor: NCHW strides
+// but for a larger batch stride (pixel stride, channels_last).
+inline bool row_strided_nchw(const at::Tensor& x) {
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  return x.stride(3) == 1 && x.stride(2) == W && x.stride(1) == H * W && x.stride(0) >= C * H * W;
+}
+inline bool row_strided_cl(const at::Tensor& x) {
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), P = x.stride(3);
+  return x.stride(1) == 1 && P >= C && x.stride(2) == W * P && x.stride(0) == H * W * P;
+}
 
 // Checks that x and the defined tensors of `others` are 4-D, of x's dtype and
 // shape, on the CPU, and all dense in one format (NCHW preferred when both fit).
+// With `strided_x`, x may instead be a channel slice of a dense tensor in that
+// format (row_strided_*), for the kernels that read it through Off::x.
 inline Layout check_layout(const char* op, const at::Tensor& x,
-                           std::initializer_list<const at::Tensor*> others) {
+                           std::initializer_list<const at::Tensor*> others,
+                           bool strided_x = false) {
   TORCH_CHECK(x.dim() == 4, op, ": expected a 4-D tensor, got ", x.dim(), "-D");
   TORCH_CHECK(x.device().is_cpu(), op, ": expected CPU tensors");
   const auto dt = x.scalar_type();
@@ -50,6 +81,12 @@ inline Layout check_layout(const char* op, const at::Tensor& x,
               ": unsupported dtype ", dt);
   bool nchw = x.is_contiguous();
   bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  bool sliced = false;
+  if (strided_x && !nchw && !cl && x.numel() > 0) {
+    nchw = row_strided_nchw(x);
+    cl = !nchw && row_strided_cl(x);
+    sliced = nchw || cl;
+  }
   for (const at::Tensor* t : others) {
     if (t == nullptr || !t->defined()) continue;
     TORCH_CHECK(t->scalar_type() == dt, op, ": all tensors must have dtype ", dt, ", got ",
@@ -60,12 +97,14 @@ inline Layout check_layout(const char* op, const at::Tensor& x,
     cl = cl && t->is_contiguous(at::MemoryFormat::ChannelsLast);
   }
   TORCH_CHECK(nchw || cl, op,
-              ": tensors must all be NCHW-contiguous or all channels_last-contiguous");
+              ": tensors must all be NCHW-contiguous or all channels_last-contiguous",
+              strided_x ? " (x may be a channel slice of one)" : "");
   Layout L;
   L.N = x.size(0);
   L.C = x.size(1);
   L.HW = x.size(2) * x.size(3);
   L.channels_last = !nchw;
+  L.xrow = sliced ? (nchw ? x.stride(0) : x.stride(3)) : (nchw ? L.C * L.HW : L.C);
   return L;
 }
 
@@ -102,13 +141,18 @@ inline const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) {
     (__VA_ARGS__)();                                                             \
   })
 
+// A new tensor of x's shape and dtype, dense in L's format (x itself may be a slice).
+inline at::Tensor empty_dense(const at::Tensor& x, const Layout& L) {
+  return at::empty(x.sizes(), x.options().memory_format(L.format()));
+}
+
 // (grad_x, grad_residual) of a backward primitive: each is allocated (like x)
 // only when asked for; pointers to an output not asked for are null.
 struct GradOutputs {
   at::Tensor x, r;
-  GradOutputs(const at::Tensor& like, bool need_x, bool need_r)
-      : x(need_x ? at::empty_like(like) : at::Tensor()),
-        r(need_r ? at::empty_like(like) : at::Tensor()) {}
+  GradOutputs(const at::Tensor& like, const Layout& L, bool need_x, bool need_r)
+      : x(need_x ? empty_dense(like, L) : at::Tensor()),
+        r(need_r ? empty_dense(like, L) : at::Tensor()) {}
   bool none() const { return !x.defined() && !r.defined(); }
   template <typename T>
   T* x_ptr() { return x.defined() ? x.mutable_data_ptr<T>() : nullptr; }
@@ -158,7 +202,7 @@ void channel_map(const Layout& L, const std::array<const M*, NC>& chan,
         const F fn = f;
         const auto cp = chan;
         const auto sp = samp;
-        const int64_t C = L.C, HW = L.HW;
+        const int64_t C = L.C, HW = L.HW, xrow = L.xrow;
         const int64_t end = std::min(vend * W, L.numel());
         int64_t i = vbegin * W;
         std::array<V, NC + NS + 1> P;
@@ -166,11 +210,12 @@ void channel_map(const Layout& L, const std::array<const M*, NC>& chan,
           const int64_t plane = i / HW;
           const int64_t pend = std::min(end, (plane + 1) * HW);
           const int64_t c = plane % C, n = plane / C;
+          const int64_t dx = n * (xrow - C * HW);  // x's offset minus the dense one
           for (size_t k = 0; k < NC; ++k) P[k] = V(cp[k][c]);
           for (size_t k = 0; k < NS; ++k) P[NC + k] = V(sp[k][n]);
-          for (; i + W <= pend; i += W) fn(i, Tag{}, P.data());
+          for (; i + W <= pend; i += W) fn(Off{i, i + dx}, Tag{}, P.data());
           if (i < pend) {
-            fn(i, pend - i, P.data());
+            fn(Off{i, i + dx}, pend - i, P.data());
             i = pend;
           }
         }
@@ -182,20 +227,20 @@ void channel_map(const Layout& L, const std::array<const M*, NC>& chan,
         const F fn = f;
         const auto cp = chan;
         const auto sp = samp;
-        const int64_t C = L.C, HW = L.HW;
+        const int64_t C = L.C, HW = L.HW, xrow = L.xrow;
         std::array<V, NC + NS + 1> P;
         for (int64_t r = begin; r < end; ++r) {
           const int64_t n = r / HW;
           for (size_t k = 0; k < NS; ++k) P[NC + k] = V(sp[k][n]);
-          const int64_t base = r * C;
+          const int64_t base = r * C, xbase = r * xrow;
           int64_t c = 0;
           for (; c + W <= C; c += W) {
             for (size_t k = 0; k < NC; ++k) P[k] = V::loadu(cp[k] + c);
-            fn(base + c, Tag{}, P.data());
+            fn(Off{base + c, xbase + c}, Tag{}, P.data());
           }
           if (c < C) {
             for (size_t k = 0; k < NC; ++k) P[k] = V::loadu(cp[k] + c, C - c);
-            fn(base + c, C - c, P.data());
+            fn(Off{base + c, xbase + c}, C - c, P.data());
           }
         }
         if constexpr (std::is_same_v<Tag, FullNT>) stream_fence();
@@ -241,7 +286,7 @@ std::vector<double> channel_reduce(const Layout& L, const std::array<const M*, N
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     const F fn = f;
     const auto cp = chan;
-    const int64_t C = L.C, HW = L.HW, Cp = Cpad;
+    const int64_t C = L.C, HW = L.HW, Cp = Cpad, xrow = L.xrow;
     std::vector<M> part(L.channels_last ? K * Cp : 0);  // channels_last partial sums
     for (int64_t ch = cb; ch < ce; ++ch) {
       double* acc = buf.data() + ch * K * Cp;
@@ -253,6 +298,7 @@ std::vector<double> channel_reduce(const Layout& L, const std::array<const M*, N
           const int64_t plane = i / HW;
           const int64_t pend = std::min(end, (plane + 1) * HW);
           const int64_t c = plane % C;
+          const int64_t dx = (plane / C) * (xrow - C * HW);
           for (size_t k = 0; k < NC; ++k) P[k] = V(cp[k][c]);
           std::array<DAcc<M>, K> a;
           while (i + W <= pend) {
@@ -260,14 +306,14 @@ std::vector<double> channel_reduce(const Layout& L, const std::array<const M*, N
             std::array<V, K> s;
             s.fill(V(0));
             for (; i + W <= stop; i += W) {
-              const std::array<V, K> v = fn(i, Full{}, P.data());
+              const std::array<V, K> v = fn(Off{i, i + dx}, Full{}, P.data());
               for (size_t k = 0; k < K; ++k) s[k] = s[k] + v[k];
             }
             for (size_t k = 0; k < K; ++k) a[k].add(s[k]);
           }
           if (i < pend) {
             const int64_t n = pend - i;
-            const std::array<V, K> v = fn(i, n, P.data());
+            const std::array<V, K> v = fn(Off{i, i + dx}, n, P.data());
             for (size_t k = 0; k < K; ++k) a[k].add(mask_tail(v[k], n));
             i = pend;
           }
@@ -279,17 +325,17 @@ std::vector<double> channel_reduce(const Layout& L, const std::array<const M*, N
           std::fill(pp, pp + K * Cp, M(0));
           const int64_t r1 = std::min(end, r0 + kInnerRows);
           for (int64_t r = r0; r < r1; ++r) {
-            const int64_t base = r * C;
+            const int64_t base = r * C, xbase = r * xrow;
             int64_t c = 0;
             for (; c + W <= C; c += W) {
               for (size_t k = 0; k < NC; ++k) P[k] = V::loadu(cp[k] + c);
-              const std::array<V, K> v = fn(base + c, Full{}, P.data());
+              const std::array<V, K> v = fn(Off{base + c, xbase + c}, Full{}, P.data());
               for (size_t k = 0; k < K; ++k) (V::loadu(pp + k * Cp + c) + v[k]).store(pp + k * Cp + c);
             }
             if (c < C) {
               const int64_t n = C - c;
               for (size_t k = 0; k < NC; ++k) P[k] = V::loadu(cp[k] + c, n);
-              const std::array<V, K> v = fn(base + c, n, P.data());
+              const std::array<V, K> v = fn(Off{base + c, xbase + c}, n, P.data());
               for (size_t k = 0; k < K; ++k)
                 (V::loadu(pp + k * Cp + c) + mask_tail(v[k], n)).store(pp + k * Cp + c);
             }
