@@ -283,7 +283,15 @@ def main(argv=None) -> list:
                 for v in variants:
                     progress.start(f"{mode} {v}")
                     rec_path = os.path.join(tmp, f"{mode}-{v}.pt")
-                    st = _run_worker(args, v, mode, dtype, layout, rec_path)
+                    try:
+                        st = _run_worker(args, v, mode, dtype, layout, rec_path)
+                    except RuntimeError as e:
+                        if v == BASELINE or not v.endswith("-compile"):
+                            raise
+                        # A compiler failure is a finding about the compiler, not a stop.
+                        print(f"warning: {e}; no row for {v}", file=sys.stderr)
+                        progress.step(f"{mode} {v}: failed")
+                        continue
                     batch = st["batch"]
                     times[v] += st["times_s"]
                     if st["peak_mem_mb"] is not None:
@@ -305,6 +313,8 @@ def main(argv=None) -> list:
                     f"{layout}")
             base_ms = base_mem = None
             for v in variants:
+                if not times[v]:
+                    continue
                 stats = timing.summarize(times[v])
                 stats["peak_mem_mb"] = statistics.median(peaks[v]) if peaks[v] else None
                 if v == BASELINE:
