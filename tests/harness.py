@@ -144,3 +144,14 @@ def check_against_reference(target, dtype, tensors, grad_names, call, call_ref, 
         for name in grad_names:
             if ref.get(name) is not None:
                 assert_close(ours[name].grad, ref[name].grad, dtype, "grad", f"grad {name}")
+
+
+def randomise_state(module) -> None:
+    """Seeded random values for every floating parameter and buffer of a small
+    conv/BN module (variances positive), so that eval and folding are exercised
+    on more than the default init."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + (0.5 if "var" in name else -0.1))

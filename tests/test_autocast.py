@@ -12,7 +12,7 @@ from torch import nn
 
 from convkernels.nn import BNActConv2d, ConvBNAct2d
 
-from harness import TARGET_IDS, TARGETS, assert_close, make, on, requires
+from harness import TARGET_IDS, TARGETS, assert_close, make, on, randomise_state, requires
 
 AMP_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -38,16 +38,8 @@ class _EagerBNActConv(nn.Module):
         return self.conv(torch.relu(self.bn(x)))
 
 
-def _randomise(module):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + (0.5 if "var" in name else -0.1))
-
-
 def _twins(ours, eager, target, training):
-    _randomise(eager)
+    randomise_state(eager)
     ours.load_state_dict(eager.state_dict(), strict=True)
     return ours.to(target.device).train(training), eager.to(target.device).train(training)
 
@@ -136,7 +128,7 @@ def test_eval_casts_and_folds_once():
     from convkernels.ops._fold import FOLD_CACHE
 
     eager = _EagerConvBNAct(4, 6, 3, padding=1, bias=False).eval()
-    _randomise(eager)
+    randomise_state(eager)
     ours = ConvBNAct2d(4, 6, 3, padding=1).eval()
     ours.load_state_dict(eager.state_dict(), strict=True)
     x = make((2, 4, 7, 7), torch.float32, "cpu", seed=5)

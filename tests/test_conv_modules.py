@@ -7,7 +7,7 @@ from torch import nn
 from convkernels.nn import BNActConv2d, ConvBNAct2d
 from convkernels.ops import _fold
 
-from harness import TARGET_IDS, TARGETS, assert_close, make, on
+from harness import TARGET_IDS, TARGETS, assert_close, make, on, randomise_state
 
 
 class _EagerConvBNAct(nn.Module):
@@ -20,14 +20,6 @@ class _EagerConvBNAct(nn.Module):
     def forward(self, x, residual=None):
         z = self.bn(self.conv(x))
         return self.act(z if residual is None else z + residual)
-
-
-def _randomise(module):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + (0.5 if "var" in name else -0.1))
 
 
 def test_state_dict_keys():
@@ -44,7 +36,7 @@ def test_state_dict_keys():
 def test_conv_bn_act_module_trains_like_eager(target):
     ours = ConvBNAct2d(4, 6, 3, stride=2, padding=1, act="silu").to(target.device)
     eager = _EagerConvBNAct(4, 6, 3, stride=2, padding=1, act="silu").to(target.device)
-    _randomise(eager)
+    randomise_state(eager)
     ours.load_state_dict(eager.state_dict(), strict=True)
     opt_o = torch.optim.SGD(ours.parameters(), lr=0.1)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
@@ -69,7 +61,7 @@ def test_fold_cache_refreshes(target):
     torch.manual_seed(0)
     ours = ConvBNAct2d(4, 6, 3, padding=1).to(target.device)
     eager = _EagerConvBNAct(4, 6, 3, padding=1).to(target.device)
-    _randomise(eager)
+    randomise_state(eager)
     ours.load_state_dict(eager.state_dict())
     x = make((2, 4, 6, 6), torch.float32, target.device, seed=1)
 
@@ -91,7 +83,7 @@ def test_fold_cache_refreshes(target):
     opt.step()
     check("after optimizer.step")
     # New weights loaded in place.
-    _randomise(eager)
+    randomise_state(eager)
     eager.bn.running_var.mul_(3)
     ours.load_state_dict(eager.state_dict())
     check("after load_state_dict")
@@ -104,7 +96,7 @@ def test_bn_act_conv_module_matches_eager(target):
     ours = BNActConv2d(6, 4, 3, padding=1).to(target.device)
     bn, conv = nn.BatchNorm2d(6).to(target.device), nn.Conv2d(6, 4, 3, padding=1, bias=False).to(target.device)
     eager = nn.Sequential(bn, nn.ReLU(), conv)
-    _randomise(eager)
+    randomise_state(eager)
     ours.bn.load_state_dict(bn.state_dict())
     ours.conv.load_state_dict(conv.state_dict())
     for mode in (True, False):
