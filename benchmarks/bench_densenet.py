@@ -6,8 +6,8 @@ Variants (same weights: a seeded torchvision model, loaded strictly into ours):
 * ``torchvision-memeff``   the same with ``memory_efficient=True`` (checkpointing)
 * ``torchvision-compile``  ``torch.compile`` of the torchvision model
 * ``torchvision-cl``       the torchvision model and input in channels_last (what a
-                           user could do by hand; convkernels runs CPU inference
-                           channels_last inside)
+                           user could do by hand; convkernels runs channels_last
+                           inside on CPU)
 * ``convkernels``          convkernels.models.densenet121() (shared-buffer blocks)
 * ``convkernels-memeff``   the same with ``memory_efficient=True`` (conv1 recomputed)
 

@@ -288,6 +288,7 @@ class DenseNet(nn.Module):
                 self.features.add_module("transition%d" % (i + 1), trans)
                 num_features = num_features // 2
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self._dropout = drop_rate > 0
         self.classifier = nn.Linear(num_features, num_classes)
 
         # Official init from torch repo (as torchvision).
@@ -301,12 +302,14 @@ class DenseNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dim() == 4
+        if (x.device.type == "cpu" and x.dim() == 4 and not (self.training and self._dropout)
                 and backend.resolve(x.device) != "reference"):
-            # CPU inference runs channels_last inside: oneDNN's convolutions then
-            # skip their NCHW reorders (densenet121 eval, batch 8 at 224x224, on a
-            # 2-core EPYC: ~1.25x). Training keeps the caller's layout (no gain
-            # measured there); the logits do not depend on it.
+            # On CPU the model runs channels_last inside: oneDNN's convolutions
+            # then skip their NCHW reorders (densenet121 on a 2-core EPYC, 224x224:
+            # eval batch 8 ~1.25x, train batch 16 ~1.25x). The logits and the
+            # gradients do not depend on it; dropout masks would (they are drawn
+            # in memory order, as torchvision's are), so training with dropout
+            # keeps the caller's layout and a seed gives torchvision's masks.
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.features(x, act="relu")
         out = F.adaptive_avg_pool2d(out, (1, 1))

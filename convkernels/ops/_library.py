@@ -28,6 +28,15 @@ def dense(t: Optional[torch.Tensor], fmt: torch.memory_format) -> Optional[torch
     return None if t is None else t.contiguous(memory_format=fmt)
 
 
+def strided_like(t: Optional[torch.Tensor], ref: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t`` with ``ref``'s strides (a copy only where they differ). A conv
+    weight's gradient follows the input's memory format in aten's backward;
+    the ops promise (and their fake kernels say) the weight's own layout."""
+    if t is None or t.stride() == ref.stride():
+        return t
+    return torch.empty_like(ref).copy_(t)
+
+
 def define_with_out(name: str, args: str, impl) -> None:
     """Define the composite op ``name(args) -> Tensor`` and its overload
     ``name.out(args, *, Tensor(c!) out) -> Tensor(c!)``, both implemented by

@@ -29,7 +29,8 @@ from ._checks import (check_act, check_bn_args, check_conv_args, check_input, ch
 from ._conv import act_conv, empty_conv_out
 from .conv_bn_act import _layout_key
 from ._fold import bn_scale_shift
-from ._library import define_with_out, into, memory_format, needs_grad, unpack_grads
+from ._library import (define_with_out, into, memory_format, needs_grad, strided_like,
+                       unpack_grads)
 from . import batch_stats  # noqa: F401  (registers the op)
 from .bn_act import bn_act_grads, update_running_stats  # noqa: F401
 from .primitives import acc_dtype, bn_input
@@ -98,7 +99,8 @@ def bn_act_conv_backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor,
         g = bn_act_grads(k, grad_t, x, bn_weight, bn_bias, None, mean, var, eps, act,
                          batch_stats=False, need_x=need_x, need_w=need_bw, need_b=need_bb,
                          need_r=False, need_stats=need_m or need_v)
-    grads = (g.get("x"), g.get("mean"), g.get("var"), g.get("weight"), g.get("bias"), grad_cw,
+    grads = (g.get("x"), g.get("mean"), g.get("var"), g.get("weight"), g.get("bias"),
+             strided_like(grad_cw, conv_weight),
              grad_cb)
     return [t for t, need in zip(grads, output_mask) if need]
 

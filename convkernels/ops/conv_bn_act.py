@@ -25,7 +25,8 @@ from ._checks import (check_act, check_bn_args, check_conv_args, check_input, ch
                       conv_output_size, pair)
 from ._conv import conv_act, conv_stats, empty_conv_out
 from ._fold import bn_scale_shift, folded_conv_params
-from ._library import dense, define_with_out, into, memory_format, needs_grad, unpack_grads
+from ._library import (dense, define_with_out, into, memory_format, needs_grad, strided_like,
+                       unpack_grads)
 from .bn_act import bn_act_grads, update_running_stats  # noqa: F401  (registers the op)
 from .primitives import acc_dtype
 
@@ -132,8 +133,8 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, z: Tens
         conv_grads = torch.ops.aten.convolution_backward(
             g["x"], x, conv_weight, [conv_weight.size(0)] if has_conv_bias else None, stride,
             padding, dilation, False, [0, 0], groups, [need_x, need_cw, need_cb])
-    grads = (conv_grads[0], conv_grads[1], conv_grads[2], g.get("weight"), g.get("bias"),
-             g.get("residual"))
+    grads = (conv_grads[0], strided_like(conv_grads[1], conv_weight), conv_grads[2],
+             g.get("weight"), g.get("bias"), g.get("residual"))
     return [t for t, need in zip(grads, output_mask) if need]
 
 
