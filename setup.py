@@ -80,11 +80,22 @@ def _cpu_flags():
     return flags
 
 
+def _openmp_flags():
+    """-fopenmp where torch's intra-op backend is OpenMP. at::parallel_for is an
+    inline template: compiled without OpenMP, every loop of our kernels runs on
+    one thread whatever torch.get_num_threads() says. The library is torch's
+    own libgomp (same soname, already loaded by `import torch`)."""
+    if sys.platform == "darwin":  # Apple clang has no -fopenmp
+        return []
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
+
 def _extension():
     if shutil.which("c++") is None and shutil.which("g++") is None:
         _fail("no C++ compiler found (install g++)")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    extra = {"cxx": _cpu_flags()}
+    extra = {"cxx": _cpu_flags() + _openmp_flags()}
+    link = _openmp_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _cuda_wanted():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -93,10 +104,12 @@ def _extension():
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         extra["cxx"].append("-DCONVKERNELS_WITH_CUDA")
         return cpp_extension.CUDAExtension(
-            "convkernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra
+            "convkernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+            extra_link_args=link
         )
     return cpp_extension.CppExtension(
-        "convkernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra
+        "convkernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+        extra_link_args=link
     )
 
 

@@ -68,6 +68,21 @@ def test_import_without_compiled_extension():
     assert out.stdout.split() == ["1", "reference", "True"]
 
 
+@pytest.mark.skipif(not backend.available("cpu", "cpu"), reason="compiled CPU kernels not built")
+@pytest.mark.skipif("parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch's intra-op backend is not OpenMP")
+def test_cpu_kernels_run_on_torch_threads():
+    """The CPU kernels' loops (at::parallel_for, inlined into the extension) run
+    on torch's intra-op threads: built without OpenMP they would run on one."""
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.ops.convkernels_C.parallel_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_info_command():
     out = subprocess.run([sys.executable, "-m", "convkernels", "info"], capture_output=True,
                          text=True, timeout=300)

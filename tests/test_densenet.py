@@ -252,6 +252,23 @@ def test_custom_config_and_channels_last(memory_efficient):
 
 
 @needs_cpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["keep-bottleneck", "mem-eff"])
+def test_batch_chunks_match_torchvision(monkeypatch, memory_efficient, channels_last):
+    """norm1-relu1-conv1 over the batch in chunks (the cpu backend's
+    _batch_chunks), here one sample per chunk."""
+    from convkernels.models import _dense_block
+
+    x = _input((3, 3, 32, 32), channels_last=channels_last)
+    monkeypatch.setattr(_dense_block, "_CHUNK_BYTES", 2 * x[0].numel() * x.element_size())
+    assert [s.stop - s.start for s in _dense_block._batch_chunks(x, "cpu")] == [2, 1]
+    monkeypatch.setattr(_dense_block, "_CHUNK_BYTES", 1)
+    assert [s.stop - s.start for s in _dense_block._batch_chunks(x, "cpu")] == [1, 1, 1]
+    ours, tv = _pair("DenseNet", torch.float64, memory_efficient, **SMALL)
+    _compare_train_step(ours, tv, x)
+
+
+@needs_cpu
 def test_densenet121_channels_last_fp32():
     ours, tv = _pair("densenet121", num_classes=10)
     x = _input((2, 3, 64, 64), torch.float32, channels_last=True)
@@ -550,7 +567,9 @@ def test_block_mechanism_no_cat_and_stats_once(monkeypatch):
     n_layers = len(block)
     assert calls["batch_stats"] == 1 + (n_layers - 1) + n_layers  # channels once + each norm2
     assert calls["update_running_stats"] == 2 * n_layers
-    assert calls["bn_act_conv_out"] == n_layers
+    # conv2 into the buffer slice, conv1 into the saved-bottleneck allocation
+    # (one chunk of the batch at this size)
+    assert calls["bn_act_conv_out"] == 2 * n_layers
     yt = ref.train()(xt)
     yt.backward(torch.ones_like(yt))
     assert rel(y, yt) <= GRAD_TOL and rel(xo.grad, xt.grad) <= GRAD_TOL
