@@ -124,3 +124,32 @@ def test_gradcheck_float64(target):
                     1e-5, "silu", w, cb, cfg.stride, cfg.padding, 1, 1)
         # Interpreted Triton: gradcheck's fast mode (random projections) keeps it short.
         assert torch.autograd.gradcheck(f, args, fast_mode=target.small), training
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_backward_folds_batch_statistics(target):
+    """bn_act_conv_backward with batch_stats=True (the dense block's norm2): the
+    gradients of training BN -> act -> conv, with the path through x's own
+    batch statistics inside grad_x."""
+    cfg, t = _inputs(target, CONFIGS[1], torch.float32, "channels_last")
+    x = t["x"]
+    mean, var = convkernels.ops.batch_stats(x)
+    ref = {k: (v.detach().double().requires_grad_(k in GRAD_NAMES[:4]) if v is not None else None)
+           for k, v in t.items()}
+    y = _call(reference.bn_act_conv, cfg, ref, True, "relu")
+    g = torch.randn_like(y)
+    y.backward(g)
+    conv = [[v, v] if isinstance(v, int) else list(v)
+            for v in (cfg.stride, cfg.padding, cfg.dilation)]
+
+    def backward(mask):
+        with on(target):
+            return torch.ops.convkernels.bn_act_conv_backward(
+                g.to(x.dtype), x, mean, var, t["bn_weight"], t["bn_bias"], 1e-5, "relu",
+                t["conv_weight"], *conv, cfg.groups, False, True, mask, target.backend)
+
+    grads = backward([True, False, False, True, True, True, False])
+    for name, ours in zip(GRAD_NAMES[:4], grads):
+        assert_close(ours, ref[name].grad, torch.float32, "grad", name)
+    with pytest.raises(ValueError, match="batch_stats"):
+        backward([True] * 3 + [False] * 4)

@@ -111,4 +111,7 @@ def test_bn_act_conv_ops(target):
                                           cw.detach(), None, *conv, impl, out))
         g = torch.randn(2, 6, 5, 5, device=target.device)
         opcheck(ops.bn_act_conv_backward, (g, x.detach(), rm, rv + 0.5, w.detach(), b.detach(), 1e-5,
-                                           "relu", cw.detach(), *conv, True, [True] * 7, impl))
+                                           "relu", cw.detach(), *conv, True, False, [True] * 7, impl))
+        opcheck(ops.bn_act_conv_backward, (g, x.detach(), rm, rv + 0.5, w.detach(), b.detach(), 1e-5,
+                                           "relu", cw.detach(), *conv, True, True,
+                                           [True, False, False] + [True] * 4, impl))

@@ -81,10 +81,17 @@ def bn_act_conv_backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor,
                          bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
                          act: str, conv_weight: Tensor, stride: list[int], padding: list[int],
                          dilation: list[int], groups: int, has_conv_bias: bool,
-                         output_mask: list[bool], impl: str) -> list[Tensor]:
+                         batch_stats: bool, output_mask: list[bool], impl: str) -> list[Tensor]:
     """Gradients of (x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias),
-    only those set in output_mask, in that order. Recomputes act(bn(x))."""
+    only those set in output_mask, in that order. Recomputes act(bn(x)).
+
+    ``batch_stats``: mean and var are x's own batch statistics, and grad_x
+    includes the path through them (training BN, in the same apply pass); the
+    mean and var entries of output_mask must then be False."""
     need_x, need_m, need_v, need_bw, need_bb, need_cw, need_cb = output_mask
+    if batch_stats and (need_m or need_v):
+        raise ValueError("bn_act_conv_backward: with batch_stats=True the gradients of mean and "
+                         "var are part of grad_x; output_mask must not ask for them")
     k = backend.kernels(impl)
     scale, shift = bn_scale_shift(bn_weight, bn_bias, mean, torch.rsqrt(var + eps))
     fmt = memory_format(x)
@@ -97,7 +104,7 @@ def bn_act_conv_backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor,
     g = {}
     if need_t:
         g = bn_act_grads(k, grad_t, x, bn_weight, bn_bias, None, mean, var, eps, act,
-                         batch_stats=False, need_x=need_x, need_w=need_bw, need_b=need_bb,
+                         batch_stats=batch_stats, need_x=need_x, need_w=need_bw, need_b=need_bb,
                          need_r=False, need_stats=need_m or need_v)
     grads = (g.get("x"), g.get("mean"), g.get("var"), g.get("weight"), g.get("bias"),
              strided_like(grad_cw, conv_weight),
@@ -107,7 +114,7 @@ def bn_act_conv_backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor,
 
 @bn_act_conv_backward.register_fake
 def _(grad_y, x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, stride, padding, dilation,
-      groups, has_conv_bias, output_mask, impl):
+      groups, has_conv_bias, batch_stats, output_mask, impl):
     cb = conv_weight.new_empty(conv_weight.size(0))
     like = (torch.empty_like(x.contiguous(memory_format=memory_format(x))), mean, var, bn_weight,
             bn_bias, conv_weight, cb)
@@ -130,7 +137,7 @@ def _backward(ctx, grad_y):
             has_cb and n[8]]
     gx, gm, gv, gbw, gbb, gcw, gcb = unpack_grads(torch.ops.convkernels.bn_act_conv_backward(
         grad_y, x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, stride, padding, dilation,
-        groups, has_cb, mask, ctx.impl), mask)
+        groups, has_cb, False, mask, ctx.impl), mask)
     return gx, gm, gv, gbw, gbb, None, None, gcw, gcb, None, None, None, None, None
 
 
