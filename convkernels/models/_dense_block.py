@@ -410,8 +410,15 @@ class TransitionFunction(torch.autograd.Function):
         g_p, g_cw, _ = torch.ops.aten.convolution_backward(
             grad_y, p, cw, None, _ONE, _ZERO, _ONE, False, _ZERO, 1, [True, need_cw, False])
         del p
-        # The pooling's backward reads only its input's shape (and layout): x's.
-        g_t = torch.ops.aten.avg_pool2d_backward(g_p, x, [2, 2], [2, 2], [0, 0], False, True, None)
+        if x.size(2) % 2 == 0 and x.size(3) % 2 == 0:
+            # Each pixel lies in exactly one 2x2 window: its gradient is the
+            # window's g_p / 4, an exact nearest upsampling (one write pass,
+            # where aten's avg_pool2d_backward zero-fills, then scatters).
+            g_t = F.interpolate(g_p.mul_(0.25), scale_factor=2, mode="nearest")
+        else:
+            # The pooling's backward reads only its input's shape (and layout): x's.
+            g_t = torch.ops.aten.avg_pool2d_backward(g_p, x, [2, 2], [2, 2], [0, 0], False, True,
+                                                     None)
         del g_p
         mask = [need_x, w is not None and need_w, b is not None and need_b, False]
         out = iter(_ops.bn_act_backward(g_t, x, w, b, None, mean, var, cfg.bn.training, cfg.bn.eps,
