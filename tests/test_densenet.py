@@ -31,6 +31,7 @@ SMALL = dict(growth_rate=8, block_config=(2, 3, 2), num_init_features=16, bn_siz
              num_classes=7)
 OUT_TOL = 1e-4  # fp32 outputs
 GRAD_TOL = 1e-6  # float64 gradients and running statistics
+TRITON_FP32_TOL = 1e-3  # fp32 training step on the triton backend, vs fp32 torchvision
 # Under autocast (see test_autocast_matches_torchvision): outputs and running
 # statistics against torchvision under the same autocast; gradients by their
 # error against float64 torchvision, at most AMP_GRAD_RATIO times torchvision's
@@ -110,9 +111,9 @@ def _input(shape, dtype=torch.float64, seed=1, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _compare_train_step(ours, tv, x, seed=None, check_input_grad=True):
-    """One float64 training forward/backward of both; compares output, the input's
-    gradient, every parameter gradient and every buffer."""
+def _compare_train_step(ours, tv, x, seed=None, check_input_grad=True, tol=GRAD_TOL):
+    """One training forward/backward of both (float64 unless x is not); compares
+    output, the input's gradient, every parameter gradient and every buffer."""
     ours.train(), tv.train()
     xo = x.detach().clone().requires_grad_(check_input_grad)
     xt = x.detach().clone().requires_grad_(check_input_grad)
@@ -122,21 +123,21 @@ def _compare_train_step(ours, tv, x, seed=None, check_input_grad=True):
     if seed is not None:
         torch.manual_seed(seed)
     yt = tv(xt)
-    assert rel(yo, yt) <= GRAD_TOL, f"train output: {rel(yo, yt):.3g}"
+    assert rel(yo, yt) <= tol, f"train output: {rel(yo, yt):.3g}"
     g = _input(tuple(yt.shape), seed=99).to(yt.dtype)
     yo.backward(g)
     yt.backward(g)
     if check_input_grad:
-        assert rel(xo.grad, xt.grad) <= GRAD_TOL, f"input grad: {rel(xo.grad, xt.grad):.3g}"
+        assert rel(xo.grad, xt.grad) <= tol, f"input grad: {rel(xo.grad, xt.grad):.3g}"
     tv_params = dict(tv.named_parameters())
     for name, p in ours.named_parameters():
         err = rel(p.grad, tv_params[name].grad)
-        assert err <= GRAD_TOL, f"grad {name}: {err:.3g}"
+        assert err <= tol, f"grad {name}: {err:.3g}"
     tv_state = tv.state_dict()
     for name, t in ours.state_dict().items():
         if t.is_floating_point():
             err = rel(t, tv_state[name])
-            assert err <= GRAD_TOL, f"{name}: {err:.3g}"
+            assert err <= tol, f"{name}: {err:.3g}"
         else:
             assert torch.equal(t, tv_state[name]), name
     return yo
@@ -266,6 +267,21 @@ def test_batch_chunks_match_torchvision(monkeypatch, memory_efficient, channels_
     assert [s.stop - s.start for s in _dense_block._batch_chunks(x, "cpu")] == [1, 1, 1]
     ours, tv = _pair("DenseNet", torch.float64, memory_efficient, **SMALL)
     _compare_train_step(ours, tv, x)
+
+
+@pytest.mark.skipif(not backend.available("triton", "cpu"), reason="triton not importable")
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["keep-bottleneck", "mem-eff"])
+def test_triton_backend_matches_torchvision(memory_efficient):
+    """The whole model on the triton backend (the interpreter on CPU: small
+    shapes, fp32): eval outputs, and a training step's outputs, gradients and
+    running statistics."""
+    ours, tv = _pair("DenseNet", torch.float32, memory_efficient, **SMALL)
+    x = _input((2, 3, 32, 32), torch.float32)
+    with convkernels.use_backend("triton"):
+        ours.eval(), tv.eval()
+        with torch.no_grad():
+            assert rel(ours(x), tv(x)) <= OUT_TOL
+        _compare_train_step(ours, tv, x, tol=TRITON_FP32_TOL)
 
 
 @needs_cpu
