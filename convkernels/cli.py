@@ -34,6 +34,9 @@ def info() -> str:
         f"triton      {triton_version}",
         f"python      {platform.python_version()}",
         "compiled    " + (", ".join(compiled) if compiled else f"none (_C not loaded: {_IMPORT_ERROR})"),
+        "cpu threads " + (f"{torch.ops.convkernels_C.parallel_threads()} per kernel loop "
+                          f"(torch.get_num_threads() = {torch.get_num_threads()})"
+                          if HAS_C else "-"),
         f"device      {device.type}: {device_name}",
         f"backends    {', '.join(usable)} usable on {device.type}",
         f"active      {backend.get_backend()} -> {backend.resolve(device)} on {device.type}",
