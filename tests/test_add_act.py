@@ -58,6 +58,22 @@ def test_only_residual_needs_grad(target):
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_shared_gradient_gives_leaves_their_own_grad(target):
+    """Without a scale the backward computes gz once for both inputs; the two
+    leaves still get separate .grad tensors (in-place updates stay apart)."""
+    shape = (2, 3, 4, 5)
+    x = make(shape, torch.float32, target.device, seed=1).requires_grad_(True)
+    r = make(shape, torch.float32, target.device, seed=2).requires_grad_(True)
+    with on(target):
+        convkernels.ops.add_act(x, r, "relu").sum().backward()
+    expected = (reference.add_act(x.detach(), r.detach(), "identity") > 0).float()
+    assert_close(x.grad, expected.double(), torch.float32, "grad", "grad x")
+    assert torch.equal(x.grad, r.grad)
+    x.grad.add_(1)
+    assert_close(r.grad, expected.double(), torch.float32, "grad", "grad residual")
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
 def test_gradcheck_float64(target):
     if target.device != "cpu":
         pytest.skip("gradcheck runs on CPU")

@@ -70,6 +70,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, residual, scale = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:2])
+    if scale is None and all(mask):
+        # Without a scale both gradients are the same tensor gz: one output
+        # written instead of two equal ones (aten's add backward shares it too).
+        (g,) = torch.ops.convkernels.add_act_backward(grad_y, x, residual, ctx.act, None,
+                                                      [False, True], ctx.impl)
+        return g, g, None, None, None
     gx, gr = unpack_grads(torch.ops.convkernels.add_act_backward(
         grad_y, x, residual, ctx.act, scale, mask, ctx.impl), mask)
     return gx, gr, None, None, None
