@@ -74,6 +74,37 @@ def fused_call(pattern, x, w, bn_w, bn_b, rm, rv, training, stride, padding, gro
                            stride, padding, 1, groups)
 
 
+# A ReLU input within this much of 0 (relative to the largest |input|) is a tie:
+# fp32 rounding (~1e-6 relative here, eager's own error up to ~1e-5) may put it on
+# either side.
+TIE = 2e-5
+
+
+def untie_relu(pattern, stride, padding, groups):
+    """``Case.untie`` for a train case: on float64 inputs, takes every ReLU input
+    within TIE of 0 out of play. conv_bn_relu: grad_y is zeroed there (the
+    element's gradient no longer depends on the side). bn_relu_conv: x is moved so
+    that its BN output sits at +-2*TIE*max instead (the batch statistics move by
+    O(TIE/count)). Returns how many inputs were ties."""
+    def untie(inp: dict) -> int:
+        with torch.no_grad():
+            x, bn_w, bn_b = inp["x"], inp["bn_weight"], inp["bn_bias"]
+            if pattern == "conv_bn_act":
+                x = F.conv2d(x, inp["conv_weight"], None, stride, padding, 1, groups)
+            z = F.batch_norm(x, None, None, bn_w, bn_b, True, 0.0, EPS)
+            lim = TIE * z.abs().max()
+            tie = z.abs() < lim
+            if pattern == "conv_bn_act":
+                inp["grad_y"].masked_fill_(tie, 0.0)
+            else:
+                var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
+                slope = (bn_w * (var + EPS).rsqrt()).view(1, -1, 1, 1)  # dz/dx, stats held
+                away = torch.where(z >= 0, 2 * lim, -2 * lim)
+                x.add_(torch.where(tie, (away - z) / slope, 0.0))
+        return int(tie.sum())
+    return untie
+
+
 class EvalUnit(nn.Module):
     """The eager eval unit with its parameters and BN buffers in a module (what
     inductor freezing needs); ``fused`` runs convkernels on the same tensors."""
@@ -211,7 +242,7 @@ def build_cases(args, device) -> list:
                         fused=fused, direction=direction, grad_mode=True, nbytes=None,
                         dtype=dtype, diff=diff, state=("running_mean", "running_var"),
                         compile_key=(entry, layout, dtype, mode), note=note, flops=flops,
-                        extra=extra))
+                        extra=extra, untie=untie_relu(pattern, stride, padding, groups)))
                 else:
                     def make_inputs(base=base):
                         b = base()

@@ -122,7 +122,10 @@ class Case:
     ``compile_fn(mode)``, when given, returns that compiled callable instead (e.g.
     a compiled nn.Module with inductor freezing); ``extra["compile_note"]`` is
     added to the compile variant's note. ``nbytes`` None: no bytes /
-    GB/s (compute-bound ops report ``flops``).
+    GB/s (compute-bound ops report ``flops``). ``untie(inp)``, when given, edits
+    float64 inputs in place so that no activation input lies within rounding of
+    a kink (e.g. zeroes grad_y there) and returns how many it moved (see
+    :func:`_float64_verdict`).
     """
     bench: str
     case: str
@@ -140,6 +143,7 @@ class Case:
     flops: Optional[float] = None
     extra: dict = field(default_factory=dict)
     compile_fn: Optional[Callable[[Optional[str]], Callable]] = None
+    untie: Optional[Callable[[dict], int]] = None
 
 
 def _step(case: Case, f: Callable, inp: dict):
@@ -165,19 +169,19 @@ def _check(case: Case, name: str, f: Callable, ref_out, ref_inp) -> Optional[str
     return f"{name} != eager on {case.bench} {case.case}: " + "; ".join(msgs) if msgs else None
 
 
-def _float64_verdict(case: Case, f: Callable, b: str) -> Optional[str]:
-    """When convkernels variant ``f`` and eager disagree: run eager in float64 on
-    the same inputs. None when f's outputs and state are each no further from it
-    than eager's (max abs error, 1.5x slack), else what is further. Training BN
-    over large batches is where fp32 eager can be the one off (its reductions
-    sum in fp32; ours in double)."""
-    if case.dtype != torch.float32:
-        return "no float64 arbitration below fp32"
+def _converted(inp: dict, dtype: torch.dtype) -> dict:
+    """``inp`` with its floating tensors cast to ``dtype`` (fresh leaves)."""
+    return {k: (v.detach().to(dtype).requires_grad_(v.requires_grad)
+                if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in inp.items()}
 
+
+def _further_from_float64(case: Case, f: Callable, b: str, base: dict) -> Optional[str]:
+    """None when f's outputs and state, on inputs ``base``, are each no further
+    from eager run in float64 than eager fp32 is (max abs error, 1.5x slack), else
+    what is further."""
     def run(fn, dtype, backend=None):
-        inp = {k: (v.detach().to(dtype).requires_grad_(v.requires_grad)
-                   if torch.is_tensor(v) and v.is_floating_point() else v)
-               for k, v in case.make_inputs().items()}
+        inp = _converted(base, dtype)
         with force_backend(backend) if backend else contextlib.nullcontext():
             out = _step(case, fn, inp)
         return list(out) + [inp[s] for s in case.state]
@@ -194,6 +198,34 @@ def _float64_verdict(case: Case, f: Callable, b: str) -> Optional[str]:
         if err_o > 1.5 * err_e + 1e-12:
             worse.append(f"{n}: {err_o:.3g} off float64, eager {err_e:.3g}")
     return "; ".join(worse) or None
+
+
+def _float64_verdict(case: Case, f: Callable, b: str) -> tuple:
+    """When convkernels variant ``f`` and eager disagree in fp32: is ``f`` the one
+    off? Returns ``(worse, how)``: ``worse`` None when float64 sides with ``f``
+    (training BN over large batches is where fp32 eager can be the one off: its
+    reductions sum in fp32, ours in double), else what is further; ``how`` notes
+    how the verdict was reached.
+
+    An activation input within rounding of its kink (a ReLU "tie") may land on
+    either side in any fp32 code, moving one term of the gradients by O(1); which
+    side eager picks is luck. When ``case.untie`` is given and ``f`` is off on
+    the case's inputs, the verdict is taken again on inputs with the ties taken
+    out, so that a tie cannot pass for a defect, nor hide one elsewhere.
+    """
+    if case.dtype != torch.float32:
+        return "no float64 arbitration below fp32", ""
+    base = case.make_inputs()
+    worse = _further_from_float64(case, f, b, base)
+    if worse is None or case.untie is None:
+        return worse, ""
+    base64 = _converted(base, torch.float64)
+    ties = case.untie(base64)
+    if not ties:
+        return worse, ""
+    # fp32 inputs rounded from the untied ones; the float64 run sees the same values.
+    worse_untied = _further_from_float64(case, f, b, _converted(base64, torch.float32))
+    return worse_untied, f"after taking out {ties} activation ties"
 
 
 class CompileCache:
@@ -246,11 +278,12 @@ def run_cases(cases: list, args, device: torch.device, threads: int, bench: str)
                 with force_backend(b) if b else contextlib.nullcontext():
                     msg = _check(case, name, f, ref_out, ref_inp)
                 if msg and b:
-                    verdict = _float64_verdict(case, f, b)
-                    if verdict:
-                        raise AssertionError(f"{msg} ({verdict})")
-                    print(f"note: {msg}; float64 sides with {name}", file=sys.stderr)
-                    note = (note + "; " if note else "") + "eager further from float64"
+                    worse, how = _float64_verdict(case, f, b)
+                    if worse:
+                        raise AssertionError(f"{msg} ({worse}" + (f"; {how}" if how else "") + ")")
+                    verdict = " ".join(filter(None, ("eager further from float64", how)))
+                    print(f"note: {msg}; {verdict}", file=sys.stderr)
+                    note = (note + "; " if note else "") + verdict
                 elif msg:  # torch.compile differing from eager is worth a note, not a stop
                     print(f"warning: {msg}", file=sys.stderr)
                     note = (note + "; " if note else "") + "MISMATCH vs eager"
