@@ -115,3 +115,28 @@ def test_bn_act_conv_ops(target):
         opcheck(ops.bn_act_conv_backward, (g, x.detach(), rm, rv + 0.5, w.detach(), b.detach(), 1e-5,
                                            "relu", cw.detach(), *conv, True, True,
                                            [True, False, False] + [True] * 4, impl))
+
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_tracing_records_the_ops(target):
+    """Eager calls on plain tensors skip the dispatcher (ops._library.plain_eager);
+    a trace must still record the convkernels ops, not the aten ops they run."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, cw, _ = _conv_samples(target.device)
+    _, _, w, b, rm, rv, _ = _bn_samples(target.device, 6)
+    cw2 = make((4, 6, 3, 3), torch.float32, target.device, seed=5) / 7
+    x, cw, w, b = (t.detach() for t in (x, cw, w, b))
+
+    def eval_convs(x):
+        y = convkernels.ops.conv_bn_act(x, cw, None, rm, rv, w, b, False, padding=1)
+        return convkernels.ops.bn_act_conv(y, rm, rv, w, b, False, conv_weight=cw2, padding=1)
+
+    with on(target), torch.no_grad():
+        gm = make_fx(eval_convs)(x)
+        called = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert any(c.startswith("convkernels.conv_bn_act") for c in called), called
+        assert any(c.startswith("convkernels.bn_act_conv") for c in called), called
+        assert not any("convolution" in c for c in called), called
+        torch.testing.assert_close(gm(x), eval_convs(x))

@@ -52,6 +52,19 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def plain_eager(*tensors) -> bool:
+    """Whether an op runs eagerly on plain tensors: no torch.compile tracing, no
+    dispatch or torch-function mode (fake tensors, functionalization, opcheck),
+    no tensor subclass. Only then may a call that needs no autograd run a custom
+    op's implementation directly, skipping its Python dispatch layers (~50 us a
+    call, as much as a small conv at batch 1); everywhere else the op must be
+    called so that tracing records it."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
 def unpack_grads(grads, mask) -> tuple:
     """The list a backward op returned (only the gradients set in ``mask``) as a
     full tuple with None where a gradient was not asked for."""

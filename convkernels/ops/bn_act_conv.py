@@ -29,8 +29,8 @@ from ._checks import (check_act, check_bn_args, check_conv_args, check_input, ch
 from ._conv import act_conv, empty_conv_out
 from .conv_bn_act import _layout_key
 from ._fold import bn_scale_shift
-from ._library import (define_with_out, into, memory_format, needs_grad, strided_like,
-                       unpack_grads)
+from ._library import (define_with_out, into, memory_format, needs_grad, plain_eager,
+                       strided_like, unpack_grads)
 from . import batch_stats  # noqa: F401  (registers the op)
 from .bn_act import bn_act_grads, update_running_stats  # noqa: F401
 from .primitives import acc_dtype, bn_input
@@ -206,7 +206,10 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
         mean, var = running_mean.to(acc), running_var.to(acc)
     args = (x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, list(stride),
             list(padding), list(dilation), groups, impl)
-    if out is not None and not needs_grad(x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias):
+    no_grad = not needs_grad(x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias)
+    if no_grad and plain_eager(x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias, out):
+        return _forward(*args, out)
+    if out is not None and no_grad:
         torch.ops.convkernels.bn_act_conv_out(*args, out)
         return out
     # With autograd, out= is a copy: the op's output stays the autograd node.
@@ -242,6 +245,9 @@ def bn_act_conv(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
     args = (x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, act,
             conv_weight, conv_bias, pair(stride, "stride", OP), pair(padding, "padding", OP),
             pair(dilation, "dilation", OP), groups, mean, var)
+    if plain_eager(x, running_mean, running_var, bn_weight, bn_bias, conv_weight, conv_bias, mean,
+                   var, out):  # the composite's body, without the dispatcher round trip
+        return _bn_act_conv(*args, out=out)
     if out is None:
         return torch.ops.convkernels.bn_act_conv(*args)
     return torch.ops.convkernels.bn_act_conv.out(*args, out=out)
