@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..ops._library import memory_format
+from ..ops._library import memory_format, unpack_grads
 from ..ops.primitives import acc_dtype
 
 _ONE = [1, 1]
@@ -422,11 +422,9 @@ class TransitionFunction(torch.autograd.Function):
                                                      None)
         del g_p
         mask = [need_x, w is not None and need_w, b is not None and need_b, False]
-        out = iter(_ops.bn_act_backward(g_t, x, w, b, None, mean, var, cfg.bn.training, cfg.bn.eps,
-                                        "relu", mask, cfg.impl))
-        g_x = next(out) if mask[0] else None
-        g_w = next(out) if mask[1] else None
-        g_b = next(out) if mask[2] else None
+        g_x, g_w, g_b, _ = unpack_grads(_ops.bn_act_backward(
+            g_t, x, w, b, None, mean, var, cfg.bn.training, cfg.bn.eps, "relu", mask, cfg.impl),
+            mask)
         return None, g_x, g_w, g_b, g_cw if need_cw else None
 
 
@@ -480,8 +478,7 @@ class StemFunction(torch.autograd.Function):
         g_y = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, y, *cfg.pool, idx)
         del y, idx
         mask = [need_x, need_cw, False, w is not None and need_w, b is not None and need_b, False]
-        out = iter(_ops.conv_bn_act_backward(
+        g_x, g_cw, _, g_w, g_b, _ = unpack_grads(_ops.conv_bn_act_backward(
             g_y, x, cw, z, w, b, None, mean, var, cfg.bn.training, cfg.bn.eps, cfg.stride,
-            cfg.padding, cfg.dilation, cfg.groups, "relu", False, mask, cfg.impl))
-        grads = [next(out) if m else None for m in mask]
-        return None, grads[0], grads[1], grads[3], grads[4]
+            cfg.padding, cfg.dilation, cfg.groups, "relu", False, mask, cfg.impl), mask)
+        return None, g_x, g_cw, g_w, g_b
