@@ -67,6 +67,8 @@ def make(shape, dtype, device, layout="nchw", seed=0, offset=0.0):
     t = t.to(device=device, dtype=dtype)
     if layout == "channels_last":
         t = t.contiguous(memory_format=torch.channels_last)
+    elif layout != "nchw":
+        raise ValueError(f"make: unknown layout {layout!r}")
     return t
 
 

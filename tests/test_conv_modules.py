@@ -56,14 +56,16 @@ def test_conv_bn_act_module_trains_like_eager(target):
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
-def test_fold_cache_refreshes(target):
-    """The folded eval weights follow optimizer.step() and load_state_dict()."""
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fold_cache_refreshes(target, layout):
+    """The folded eval weights (and on CPU, channels_last, their prepacked
+    oneDNN copy) follow optimizer.step() and load_state_dict()."""
     torch.manual_seed(0)
     ours = ConvBNAct2d(4, 6, 3, padding=1).to(target.device)
     eager = _EagerConvBNAct(4, 6, 3, padding=1).to(target.device)
     randomise_state(eager)
     ours.load_state_dict(eager.state_dict())
-    x = make((2, 4, 6, 6), torch.float32, target.device, seed=1)
+    x = make((2, 4, 6, 6), torch.float32, target.device, layout, seed=1)
 
     def check(msg):
         ours.eval(), eager.eval()
@@ -112,6 +114,38 @@ def test_bn_act_conv_module_matches_eager(target):
         assert_close(x1.grad, x2.grad.double(), torch.float32, "grad", f"grad x train={mode}")
     assert_close(ours.bn.running_var, bn.running_var.double(), torch.float32, "grad", "running_var")
     assert torch.equal(ours.bn.num_batches_tracked, bn.num_batches_tracked)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_bn_act_conv_eval_follows_the_conv_weight(target):
+    """Inference reuses a derived copy of the conv weight (on CPU, prepacked
+    for oneDNN): it follows an optimizer step and a load_state_dict."""
+    ours = BNActConv2d(6, 4, 3, padding=1).to(target.device)
+    bn, conv = nn.BatchNorm2d(6).to(target.device), nn.Conv2d(6, 4, 3, padding=1, bias=False).to(target.device)
+    eager = nn.Sequential(bn, nn.ReLU(), conv).eval()
+    randomise_state(eager)
+    ours.bn.load_state_dict(bn.state_dict())
+    ours.conv.load_state_dict(conv.state_dict())
+    ours.eval()
+    x = make((2, 6, 7, 7), torch.float32, target.device, "channels_last", seed=3)
+
+    def check(msg):
+        with on(target), torch.no_grad():
+            y = ours(x)
+        assert_close(y, eager(x).detach().double(), torch.float32, "grad", msg)
+
+    check("first eval")
+    check("cached eval")
+    opt = torch.optim.SGD(list(ours.parameters()) + list(eager.parameters()), lr=0.5)
+    with on(target):
+        ours(x).square().sum().backward()
+    eager(x).square().sum().backward()
+    opt.step()
+    check("after optimizer.step")
+    randomise_state(eager)
+    ours.load_state_dict({"bn." + k: v for k, v in bn.state_dict().items()}
+                         | {"conv." + k: v for k, v in conv.state_dict().items()})
+    check("after load_state_dict")
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)

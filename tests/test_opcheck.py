@@ -127,7 +127,8 @@ def test_tracing_records_the_ops(target):
     x, cw, _ = _conv_samples(target.device)
     _, _, w, b, rm, rv, _ = _bn_samples(target.device, 6)
     cw2 = make((4, 6, 3, 3), torch.float32, target.device, seed=5) / 7
-    x, cw, w, b = (t.detach() for t in (x, cw, w, b))
+    x, w, b = (t.detach() for t in (x, w, b))
+    cw = torch.nn.Parameter(cw.detach())  # as in a module: counts as a plain tensor
 
     def eval_convs(x):
         y = convkernels.ops.conv_bn_act(x, cw, None, rm, rv, w, b, False, padding=1)

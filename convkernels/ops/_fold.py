@@ -26,12 +26,15 @@ class _FoldCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def _signature(tensors, eps):
-        return tuple((None if t is None else (t._version, t.data_ptr(), t.dtype)) for t in tensors) + (eps,)
+    def _signature(tensors):
+        return tuple((None if t is None else (t._version, t.data_ptr(), t.dtype)) for t in tensors)
 
-    def get(self, tensors, eps, compute):
-        key = tuple(id(t) for t in tensors)
-        sig = self._signature(tensors, eps)
+    def get(self, tensors, kind, compute):
+        """``compute()``, cached for the current contents of ``tensors`` (by
+        identity and version counter); ``kind`` (hashable) names what is
+        derived from them, so one tensor may have several derived values."""
+        key = tuple(id(t) for t in tensors) + (kind,)
+        sig = self._signature(tensors)
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None:
@@ -81,4 +84,4 @@ def folded_conv_params(conv_weight, conv_bias, running_mean, running_var, bn_wei
             return w, shift
 
     sources = (conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias)
-    return FOLD_CACHE.get(sources, eps, compute)
+    return FOLD_CACHE.get(sources, ("bn-fold", eps), compute)

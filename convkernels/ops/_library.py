@@ -52,17 +52,21 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain_eager(*tensors) -> bool:
     """Whether an op runs eagerly on plain tensors: no torch.compile tracing, no
     dispatch or torch-function mode (fake tensors, functionalization, opcheck),
     no tensor subclass. Only then may a call that needs no autograd run a custom
     op's implementation directly, skipping its Python dispatch layers (~50 us a
     call, as much as a small conv at batch 1); everywhere else the op must be
-    called so that tracing records it."""
+    called so that tracing records it. nn.Parameter counts as plain: it
+    disables __torch_function__ and dispatches as a tensor."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()):
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 def unpack_grads(grads, mask) -> tuple:

@@ -39,10 +39,11 @@ OP = "bn_act_conv"
 
 
 def _forward(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride, padding,
-             dilation, groups, impl, out):
+             dilation, groups, impl, out, pack):
+    """``pack``: no autograd follows (the CPU backend may use a prepacked conv weight)."""
     scale, shift = bn_scale_shift(bn_weight, bn_bias, mean, torch.rsqrt(var + eps))
     return act_conv(impl, x, scale, shift, act, conv_weight, conv_bias,
-                    stride, padding, dilation, groups, out)
+                    stride, padding, dilation, groups, out, pack)
 
 
 @torch.library.custom_op("convkernels::bn_act_conv_forward", mutates_args=())
@@ -52,7 +53,7 @@ def bn_act_conv_forward(x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optiona
                         dilation: list[int], groups: int, impl: str) -> Tensor:
     """``conv2d(act((x - mean) * rsqrt(var + eps) * bn_weight + bn_bias))``."""
     return _forward(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride,
-                    padding, dilation, groups, impl, None)
+                    padding, dilation, groups, impl, None, False)
 
 
 @bn_act_conv_forward.register_fake
@@ -68,7 +69,7 @@ def bn_act_conv_out(x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Te
                     dilation: list[int], groups: int, impl: str, out: Tensor) -> None:
     """bn_act_conv_forward written into ``out`` (e.g. a channel slice of a larger buffer)."""
     _forward(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride, padding,
-             dilation, groups, impl, out)
+             dilation, groups, impl, out, True)
 
 
 @bn_act_conv_out.register_fake
@@ -208,7 +209,7 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
             list(padding), list(dilation), groups, impl)
     no_grad = not needs_grad(x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias)
     if no_grad and plain_eager(x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias, out):
-        return _forward(*args, out)
+        return _forward(*args, out, True)
     if out is not None and no_grad:
         torch.ops.convkernels.bn_act_conv_out(*args, out)
         return out
