@@ -5,7 +5,9 @@
 channel. The folded weight is derived data: it is cached and recomputed when
 any source tensor changes (its version counter moves, e.g. after
 ``optimizer.step()`` or ``load_state_dict``), so it is never stale, and it is
-never written back into the parameters.
+never written back into the parameters. The same cache keeps the other
+derived weights of inference: oneDNN-prepacked conv weights (_conv.py) and
+autocast's casts of parameters (_autocast.py).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 from .primitives import acc_dtype
 
-_MAX_ENTRIES = 512  # more than the convs of any model in the set
+_MAX_ENTRIES = 512  # more than the derived weights (folded, prepacked, cast) of any model in the set
 
 
 class _FoldCache:
@@ -70,14 +72,30 @@ def bn_scale_shift(weight, bias, mean, invstd):
     return scale, shift
 
 
+def _eval_bn(running_mean, running_var, weight, bias, eps, acc):
+    return bn_scale_shift(weight, bias, running_mean.to(acc),
+                          torch.rsqrt(running_var.to(acc) + eps))
+
+
+def eval_scale_shift(running_mean, running_var, weight, bias, eps, acc):
+    """Eval-mode BN as ``x * scale + shift`` with vectors in ``acc`` (cached:
+    six small ops a call, as much as a batch-1 conv of a late DenseNet layer)."""
+
+    def compute():
+        with torch.no_grad():
+            return _eval_bn(running_mean, running_var, weight, bias, eps, acc)
+
+    sources = (running_mean, running_var, weight, bias)
+    return FOLD_CACHE.get(sources, ("bn-eval", eps, acc), compute)
+
+
 def folded_conv_params(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps):
     """(weight, bias) of the conv with eval-mode BN folded in (cached)."""
 
     def compute():
         with torch.no_grad():
             acc = acc_dtype(conv_weight.dtype)
-            invstd = torch.rsqrt(running_var.to(acc) + eps)
-            scale, shift = bn_scale_shift(bn_weight, bn_bias, running_mean.to(acc), invstd)
+            scale, shift = _eval_bn(running_mean, running_var, bn_weight, bn_bias, eps, acc)
             if conv_bias is not None:
                 shift = shift + conv_bias.to(acc) * scale
             w = (conv_weight.to(acc) * scale.view(-1, 1, 1, 1)).to(conv_weight.dtype)

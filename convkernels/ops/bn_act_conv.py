@@ -28,7 +28,7 @@ from ._checks import (check_act, check_bn_args, check_conv_args, check_input, ch
                       check_vector, conv_output_size, pair)
 from ._conv import act_conv, empty_conv_out
 from .conv_bn_act import _layout_key
-from ._fold import bn_scale_shift
+from ._fold import bn_scale_shift, eval_scale_shift
 from ._library import (define_with_out, into, memory_format, needs_grad, plain_eager,
                        strided_like, unpack_grads)
 from . import batch_stats  # noqa: F401  (registers the op)
@@ -209,7 +209,10 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
             list(padding), list(dilation), groups, impl)
     no_grad = not needs_grad(x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias)
     if no_grad and plain_eager(x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias, out):
-        return _forward(*args, out, True)
+        if training:
+            return _forward(*args, out, True)
+        scale, shift = eval_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps, acc)
+        return act_conv(impl, x, scale, shift, act, conv_weight, conv_bias, *conv, out, pack=True)
     if out is not None and no_grad:
         torch.ops.convkernels.bn_act_conv_out(*args, out)
         return out
