@@ -139,6 +139,11 @@ def main(argv=None) -> None:
             importlib.import_module(BENCHES[b]).main(rest)
         print(f"[run_all] benches done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     csv_path = os.path.join(common.out, f"{dev_name}.csv")
+    if not os.path.exists(csv_path):
+        raise SystemExit(f"no results for this device yet: {csv_path}")
+    with open(csv_path, newline="") as f:
+        measured = {r["bench"] for r in csv.DictReader(f)}
+    benches = [b for b in benches if b in measured]  # a bench this device has not run: no plot
     pngs = []
     if "densenet" in benches:
         import bench_densenet
