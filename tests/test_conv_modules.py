@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import convkernels
 from convkernels.nn import BNActConv2d, ConvBNAct2d
 from convkernels.ops import _fold
 
@@ -91,6 +92,22 @@ def test_fold_cache_refreshes(target, layout):
     check("after load_state_dict")
     # The parameters themselves are never overwritten by folding.
     assert torch.equal(ours.conv.weight, eager.conv.weight)
+
+
+def test_fold_cache_drops_what_a_refresh_leaves_behind():
+    """A refresh makes a new folded weight (on CPU, channels_last, with a new
+    prepacked copy of it): the copy of the old one leaves the cache with it."""
+    ours = ConvBNAct2d(4, 6, 3, padding=1).eval()
+    x = make((2, 4, 6, 6), torch.float32, "cpu", "channels_last", seed=1)
+    _fold.FOLD_CACHE.clear()
+    with convkernels.use_backend("cpu"), torch.no_grad():
+        ours(x)
+        entries = len(_fold.FOLD_CACHE)
+        for _ in range(4):
+            ours.conv.weight.mul_(0.9)
+            ours(x)
+    assert entries == 2  # the folded (weight, bias) and the prepacked weight
+    assert len(_fold.FOLD_CACHE) == entries
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)

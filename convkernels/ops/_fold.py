@@ -23,13 +23,29 @@ _MAX_ENTRIES = 512  # more than the derived weights (folded, prepacked, cast) of
 
 
 class _FoldCache:
+    """Values derived from tensors, keyed by the tensors' identity. An entry
+    goes when one of its tensors dies (a refreshed folded weight drops its
+    prepacked copy with it), else by LRU beyond _MAX_ENTRIES."""
+
     def __init__(self):
         self._entries: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        # (key, weakref) of entries whose tensor died. Weakref callbacks may run
+        # in the middle of any allocation, even under the lock, so they only
+        # append here; the next get() drops the entries.
+        self._dead: list = []
 
     @staticmethod
     def _signature(tensors):
         return tuple((None if t is None else (t._version, t.data_ptr(), t.dtype)) for t in tensors)
+
+    def _drop_dead(self):
+        while self._dead:
+            key, ref = self._dead.pop()
+            hit = self._entries.get(key)
+            # The key's ids may have been reused by a newer entry: drop only this one.
+            if hit is not None and any(r is ref for r in hit[0]):
+                del self._entries[key]
 
     def get(self, tensors, kind, compute):
         """``compute()``, cached for the current contents of ``tensors`` (by
@@ -38,6 +54,7 @@ class _FoldCache:
         key = tuple(id(t) for t in tensors) + (kind,)
         sig = self._signature(tensors)
         with self._lock:
+            self._drop_dead()
             hit = self._entries.get(key)
             if hit is not None:
                 refs, hit_sig, value = hit
@@ -47,7 +64,12 @@ class _FoldCache:
                     self._entries.move_to_end(key)
                     return value
         value = compute()
-        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        dead = self._dead
+
+        def died(ref, key=key):
+            dead.append((key, ref))
+
+        refs = tuple(None if t is None else weakref.ref(t, died) for t in tensors)
         with self._lock:
             self._entries[key] = (refs, sig, value)
             self._entries.move_to_end(key)
@@ -55,9 +77,15 @@ class _FoldCache:
                 self._entries.popitem(last=False)
         return value
 
+    def __len__(self):
+        with self._lock:
+            self._drop_dead()
+            return len(self._entries)
+
     def clear(self):
         with self._lock:
             self._entries.clear()
+            self._dead.clear()
 
 
 FOLD_CACHE = _FoldCache()
