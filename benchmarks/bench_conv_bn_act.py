@@ -289,7 +289,9 @@ def summarize(rows, cases, args, device, threads) -> list:
     for (batch, layout, dtype), per_case in times.items():
         cases_ok = [t for t in per_case.values() if "eager" in t]
         variants = [v for v in next(iter(cases_ok)) if v != "eager"] if cases_ok else []
-        label = f"resnet50/N{batch}/{layout}/{dtype}/conv_bn_relu/eval/fwd"
+        # The shape count is part of the case: the quick set's geomean must not
+        # replace the full set's in the CSV.
+        label = f"resnet50/N{batch}/{layout}/{dtype}/conv_bn_relu/eval/fwd/{len(cases_ok)}-shapes"
         parts = []
         for v in variants:
             vs_eager = _gmean([t["eager"] / t[v] for t in cases_ok if v in t])
