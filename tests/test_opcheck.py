@@ -106,6 +106,8 @@ def test_bn_act_conv_ops(target):
         opcheck(ops.bn_act_conv.default, (x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5, "silu", cw, cb,
                                   *conv, mean, var))
         opcheck(ops.bn_act_conv_forward, (x, mean, var, w, b, 1e-5, "relu", cw, cb, *conv, impl))
+        m, v = ops.batch_stats(x.detach(), impl)  # x's own statistics, folded in backward
+        opcheck(ops.bn_act_conv_forward, (x, m, v, w, b, 1e-5, "relu", cw, cb, *conv, impl, True))
         with torch.no_grad():
             opcheck(ops.bn_act_conv_out, (x.detach(), rm, rv, w.detach(), None, 1e-5, "sigmoid",
                                           cw.detach(), None, *conv, impl, out))

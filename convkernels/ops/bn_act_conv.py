@@ -50,15 +50,20 @@ def _forward(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias,
 def bn_act_conv_forward(x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor],
                         bn_bias: Optional[Tensor], eps: float, act: str, conv_weight: Tensor,
                         conv_bias: Optional[Tensor], stride: list[int], padding: list[int],
-                        dilation: list[int], groups: int, impl: str) -> Tensor:
-    """``conv2d(act((x - mean) * rsqrt(var + eps) * bn_weight + bn_bias))``."""
+                        dilation: list[int], groups: int, impl: str,
+                        batch_stats: bool = False) -> Tensor:
+    """``conv2d(act((x - mean) * rsqrt(var + eps) * bn_weight + bn_bias))``.
+
+    ``batch_stats``: mean and var are x's own batch statistics, given without
+    autograd history; backward folds their gradient into grad_x in the same
+    pass (instead of a batch_stats backward and an add over x's size)."""
     return _forward(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride,
                     padding, dilation, groups, impl, None, False)
 
 
 @bn_act_conv_forward.register_fake
 def _(x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride, padding,
-      dilation, groups, impl):
+      dilation, groups, impl, batch_stats=False):
     return empty_conv_out(x, conv_weight, stride, padding, dilation)
 
 
@@ -124,22 +129,23 @@ def _(grad_y, x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, stride, p
 
 def _setup_context(ctx, inputs, output):
     (x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, stride, padding,
-     dilation, groups, impl) = inputs
+     dilation, groups, impl, batch_stats) = inputs
     ctx.save_for_backward(x, mean, var, bn_weight, bn_bias, conv_weight)
     ctx.args = (eps, act, stride, padding, dilation, groups, conv_bias is not None)
-    ctx.impl = impl
+    ctx.impl, ctx.batch_stats = impl, batch_stats
 
 
 def _backward(ctx, grad_y):
     x, mean, var, bn_weight, bn_bias, conv_weight = ctx.saved_tensors
     eps, act, stride, padding, dilation, groups, has_cb = ctx.args
     n = ctx.needs_input_grad
-    mask = [n[0], n[1], n[2], bn_weight is not None and n[3], bn_bias is not None and n[4], n[7],
-            has_cb and n[8]]
+    own = ctx.batch_stats  # then mean and var have no gradient of their own
+    mask = [n[0], n[1] and not own, n[2] and not own, bn_weight is not None and n[3],
+            bn_bias is not None and n[4], n[7], has_cb and n[8]]
     gx, gm, gv, gbw, gbb, gcw, gcb = unpack_grads(torch.ops.convkernels.bn_act_conv_backward(
         grad_y, x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, stride, padding, dilation,
-        groups, has_cb, False, mask, ctx.impl), mask)
-    return gx, gm, gv, gbw, gbb, None, None, gcw, gcb, None, None, None, None, None
+        groups, has_cb, own, mask, ctx.impl), mask)
+    return gx, gm, gv, gbw, gbb, None, None, gcw, gcb, None, None, None, None, None, None
 
 
 bn_act_conv_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -196,8 +202,12 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
                                           training, momentum, eps, act, conv_weight, conv_bias,
                                           stride, padding, dilation, groups, stats), out)
 
+    # x's batch statistics computed here carry no autograd history: the op's
+    # backward folds their gradient into grad_x (given stats keep their own).
+    own_stats = training and stats is None
     if training:
-        mean, var = stats if stats is not None else torch.ops.convkernels.batch_stats(x, impl)
+        mean, var = (torch.ops.convkernels.batch_stats(x.detach(), impl) if own_stats
+                     else stats)
         mean, var = mean.to(acc), var.to(acc)
         if running_mean is not None:
             torch.ops.convkernels.update_running_stats(
@@ -217,7 +227,7 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
         torch.ops.convkernels.bn_act_conv_out(*args, out)
         return out
     # With autograd, out= is a copy: the op's output stays the autograd node.
-    return into(torch.ops.convkernels.bn_act_conv_forward(*args), out)
+    return into(torch.ops.convkernels.bn_act_conv_forward(*args, own_stats), out)
 
 
 define_with_out("bn_act_conv", _SCHEMA, _bn_act_conv)
