@@ -71,13 +71,13 @@ def _packed_weight(weight, padding, stride, dilation, groups, x):
                               weight.detach(), padding, stride, dilation, groups, list(x.shape)))
 
 
-def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residual, pack, out):
+def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residual, out):
     """``act(conv2d(x, weight) + bias (+ residual))`` in one oneDNN call (bias,
-    residual and act as post-ops); ``pack``: use a cached prepacked weight where
-    that pays. The result is in x's memory format, or written into ``out``."""
+    residual and act as post-ops), for inference: on a cached prepacked weight
+    where that pays. The result is in x's memory format, or written into ``out``."""
     fmt = memory_format(x)
     args = (list(padding), list(stride), list(dilation), groups)
-    if pack and _packed_pays(x, weight, residual, stride, padding, dilation):
+    if _packed_pays(x, weight, residual, stride, padding, dilation):
         weight = _packed_weight(weight, *args, x)
     else:
         weight = weight.contiguous(memory_format=fmt)
@@ -103,7 +103,7 @@ def conv_act(name, x, weight, bias, stride, padding, dilation, groups, act, resi
     x, residual = dense(x, fmt), dense(residual, fmt)
     if name == "cpu" and _onednn_ok(x) and (residual is None or act in _ONEDNN_ACT_AFTER_ADD):
         return _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residual,
-                            True, out)
+                            out)
     z = conv2d(x, weight, None, stride, padding, dilation, groups)
     ones = torch.ones(z.size(1), dtype=bias.dtype if bias is not None else torch.float32, device=z.device)
     shift = bias if bias is not None else torch.zeros_like(ones)
@@ -138,6 +138,6 @@ def act_conv(name, x, scale, shift, act, weight, bias, stride, padding, dilation
     t = k.bn_act_apply(bn_input(k, x, memory_format(x)), scale, shift, None, act)
     if pack and name == "cpu" and _onednn_ok(t):
         return _onednn_conv(t, weight, bias, stride, padding, dilation, groups, "identity", None,
-                            True, out)
+                            out)
     return into(conv2d(t, weight, None if bias is None else bias.to(t.dtype), stride, padding,
                         dilation, groups), out)
