@@ -39,6 +39,8 @@ TORCH_LIBRARY(convkernels_C, m) {
   m.def("parallel_threads() -> int", &parallel_threads);
   m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("bn_act_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, str act) -> Tensor");
+  // bn_act_apply written over x (CPU only: the epilogue of the CPU GEMM conv).
+  m.def("bn_act_apply_(Tensor(a!) x, Tensor scale, Tensor shift, Tensor? residual, str act) -> ()");
   m.def(
       "bn_act_backward_reduce(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor? residual, "
       "str act, Tensor center) -> (Tensor sum_gz, Tensor sum_gz_xc)");

@@ -28,6 +28,7 @@ class ConvConfig:
 
 CONFIGS = [
     ConvConfig("1x1", 32, 48, 1),
+    ConvConfig("1x1-stride2", 32, 48, 1, stride=2, hw=(10, 9)),
     ConvConfig("3x3", 24, 32, 3, padding=1),
     ConvConfig("3x3-stride2", 24, 32, 3, stride=2, padding=1, hw=(10, 11)),
     ConvConfig("5x5", 16, 24, 5, padding=2),
@@ -44,3 +45,12 @@ IDS = [c.name for c in CONFIGS]
 
 # gradcheck's cost is (input elements) x (output elements): keep it tiny.
 GRADCHECK = ConvConfig("gradcheck", 3, 4, 3, stride=2, padding=1, hw=(5, 6))
+
+# NCHW fp32 1x1 convs on each side of the cpu backend's GEMM rule
+# (convkernels/ops/_conv.py): GEMMs on large images or for small weights,
+# oneDNN for large weights on small images (forward and backward alike here).
+CPU_1X1 = [
+    ConvConfig("1x1-gemm", 64, 32, 1, hw=(28, 28)),
+    ConvConfig("1x1-stride2-gemm", 64, 32, 1, stride=2, hw=(28, 27)),
+    ConvConfig("1x1-onednn", 512, 512, 1, hw=(7, 7)),
+]

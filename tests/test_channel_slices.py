@@ -55,6 +55,16 @@ def test_primitives_on_a_slice_equal_dense_copy(fmt, dtype):
                     C_.bn_act_backward_apply(g, xd, scale, shift, None, "relu", k1, k2, k3, True,
                                              True)):
         assert torch.equal(a, b)
+    # In place over the slice (the CPU GEMM conv's epilogue), with a residual:
+    # the slice gets bn_act_apply's result, its neighbours stay as they were.
+    r = make(tuple(x.shape), dtype, "cpu", seed=3).contiguous(memory_format=FORMATS[fmt])
+    expected = C_.bn_act_apply(xd, scale, shift, r, "silu")
+    base = x._base.clone()
+    C_.bn_act_apply_(x, scale, shift, r, "silu")
+    assert torch.equal(x, expected)
+    outside = torch.ones(base.size(1), dtype=torch.bool)
+    outside[2:2 + c] = False
+    assert torch.equal(x._base[:, outside], base[:, outside])
 
 
 def test_slices_need_the_other_tensors_dense():

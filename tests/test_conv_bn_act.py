@@ -3,12 +3,12 @@ import pytest
 import torch
 
 import convkernels
-from convkernels.ops import reference
+from convkernels.ops import _conv, reference
 from convkernels.ops._checks import conv_output_size
 
-from conv_configs import CONFIGS, GRADCHECK, IDS
-from harness import (TARGET_IDS, TARGETS, assert_close, check_against_reference, make, on, requires,
-                     vector)
+from conv_configs import CONFIGS, CPU_1X1, GRADCHECK, IDS
+from harness import (TARGET_IDS, TARGETS, Target, assert_close, check_against_reference, make, on,
+                     requires, vector)
 
 ACTS = ("relu", "identity", "silu", "sigmoid")
 
@@ -90,6 +90,33 @@ def test_out_is_a_channel_slice(target, mode):
                                      t["bn_bias"], mode == "train", 0.1, 1e-5, 1, 1, 1, 1, "relu")
     assert_close(view, expected.double(), torch.float32, "grad", "out slice")
     assert torch.all(buf[:, :3] == 5) and torch.all(buf[:, 3 + cout:] == 5)
+
+
+@pytest.mark.parametrize("cfg", CPU_1X1, ids=lambda c: c.name)
+@pytest.mark.parametrize("mode", ["train", "eval-inference"])
+def test_cpu_1x1_paths(cfg, mode):
+    """The cpu backend runs NCHW 1x1 convs as GEMMs or in oneDNN by shape
+    (forward, backward and folded inference): each matches the reference,
+    with a residual, and written into an NCHW channel slice."""
+    if not convkernels.backend.available("cpu", "cpu"):
+        pytest.skip("convkernels._C not built")
+    target = Target("cpu", "cpu", small=False)
+    cfg, t = _inputs(target, cfg, torch.float32, "nchw", True)
+    x, w, s = t["x"], t["conv_weight"], (cfg.stride, cfg.stride)
+    gemm = cfg.name.endswith("-gemm")
+    assert _conv._gemm_pays(x, w, s, (0, 0), 1) == gemm
+    assert _conv._gemm_backward_pays(x, w, s, (0, 0), 1) == gemm
+    _compare(target, cfg, t, torch.float32, mode == "train", "relu", mode == "train")
+    buf = torch.full((cfg.batch, cfg.cout + 5, *t["residual"].shape[2:]), 5.0)
+    view = buf[:, 2:2 + cfg.cout]
+    with on(target), torch.no_grad():
+        _call(lambda *a: convkernels.ops.conv_bn_act(*a, out=view), cfg, t, mode == "train",
+              "relu")
+    t64 = {k: v.double() for k, v in t.items() if v is not None}
+    expected = _call(reference.conv_bn_act, cfg, {**t64, "conv_bias": None}, mode == "train",
+                     "relu")
+    assert_close(view, expected, torch.float32, "grad", "out slice")
+    assert torch.all(buf[:, :2] == 5) and torch.all(buf[:, 2 + cfg.cout:] == 5)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..ops._conv import conv2d, conv2d_backward
 from ..ops._library import memory_format, unpack_grads
 from ..ops.primitives import acc_dtype
 
@@ -390,7 +391,7 @@ def transition_forward(cfg: TransitionCfg, x, w, b, cw):
                                   x.numel() // x.size(1))
     p = F.avg_pool2d(t, 2, 2)
     del t
-    y = torch.ops.aten.convolution(p, cw, None, _ONE, _ZERO, _ONE, False, _ZERO, 1)
+    y = conv2d(p, cw, None, _ONE, _ZERO, _ONE, 1)
     return y, mean, var, p
 
 
@@ -408,8 +409,8 @@ class TransitionFunction(torch.autograd.Function):
         x, w, b, cw, mean, var, p = ctx.saved_tensors
         cfg = ctx.cfg
         _, need_x, need_w, need_b, need_cw = ctx.needs_input_grad
-        g_p, g_cw, _ = torch.ops.aten.convolution_backward(
-            grad_y, p, cw, None, _ONE, _ZERO, _ONE, False, _ZERO, 1, [True, need_cw, False])
+        g_p, g_cw, _ = conv2d_backward(grad_y, p, cw, False, _ONE, _ZERO, _ONE, 1,
+                                       [True, need_cw, False])
         del p
         if x.size(2) % 2 == 0 and x.size(3) % 2 == 0:
             # Each pixel lies in exactly one 2x2 window: its gradient is the

@@ -26,7 +26,7 @@ from .. import backend
 from . import _autocast, reference
 from ._checks import (check_act, check_bn_args, check_conv_args, check_input, check_result_like,
                       check_vector, conv_output_size, pair)
-from ._conv import act_conv, empty_conv_out
+from ._conv import act_conv, conv2d_backward, empty_conv_out
 from .conv_bn_act import _layout_key
 from ._fold import bn_scale_shift, eval_scale_shift
 from ._library import (define_with_out, into, memory_format, needs_grad, plain_eager,
@@ -103,9 +103,9 @@ def bn_act_conv_backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor,
     fmt = memory_format(x)
     t = k.bn_act_apply(bn_input(k, x, fmt), scale, shift, None, act)
     need_t = need_x or need_m or need_v or need_bw or need_bb
-    grad_t, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
-        grad_y, t, conv_weight, [conv_weight.size(0)] if has_conv_bias else None, stride, padding,
-        dilation, False, [0, 0], groups, [need_t, need_cw, need_cb])
+    grad_t, grad_cw, grad_cb = conv2d_backward(grad_y, t, conv_weight, has_conv_bias, stride,
+                                               padding, dilation, groups,
+                                               [need_t, need_cw, need_cb])
     del t
     g = {}
     if need_t:

@@ -5,7 +5,8 @@
 * training (or eval with autograd): conv whose per-channel statistics come
   with it (Triton: from the conv's epilogue), then bn_act's apply pass.
   Saves x and the conv output z (not the BN or activation outputs); backward
-  is bn_act's fused backward, then aten's convolution_backward.
+  is bn_act's fused backward, then the conv's (aten's, or GEMMs for 1x1 convs
+  on CPU where that pays: _conv.py).
 
 Ops: ``conv_bn_act`` and ``conv_bn_act.out`` (public, composite; the schema
 declares the running-stat update), ``conv_bn_act_forward`` /
@@ -23,7 +24,7 @@ from .. import backend
 from . import _autocast, reference
 from ._checks import (check_act, check_bn_args, check_conv_args, check_input, check_result_like,
                       conv_output_size, pair)
-from ._conv import conv_act, conv_stats, empty_conv_out
+from ._conv import conv2d_backward, conv_act, conv_stats, empty_conv_out
 from ._fold import bn_scale_shift, folded_conv_params
 from ._library import (dense, define_with_out, into, memory_format, needs_grad, plain_eager,
                        strided_like, unpack_grads)
@@ -130,9 +131,8 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, z: Tens
                      need_r=need_r)
     conv_grads = [None, None, None]
     if need_z:
-        conv_grads = torch.ops.aten.convolution_backward(
-            g["x"], x, conv_weight, [conv_weight.size(0)] if has_conv_bias else None, stride,
-            padding, dilation, False, [0, 0], groups, [need_x, need_cw, need_cb])
+        conv_grads = conv2d_backward(g["x"], x, conv_weight, has_conv_bias, stride, padding,
+                                     dilation, groups, [need_x, need_cw, need_cb])
     grads = (conv_grads[0], strided_like(conv_grads[1], conv_weight), conv_grads[2],
              g.get("weight"), g.get("bias"), g.get("residual"))
     return [t for t, need in zip(grads, output_mask) if need]

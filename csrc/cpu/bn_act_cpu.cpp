@@ -78,13 +78,14 @@ std::tuple<Tensor, Tensor> channel_stats_cpu(const Tensor& x) {
   return {mean, var};
 }
 
-// y = act(x * scale[c] + shift[c] (+ residual))
-Tensor bn_act_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,
-                        const std::optional<Tensor>& residual, c10::string_view act) {
+// y = act(x * scale[c] + shift[c] (+ residual)), returned as a new dense
+// tensor, or written over x (in_place: through Off::x, so x may be a channel slice).
+Tensor apply_pass(const char* op, const Tensor& x, const Tensor& scale, const Tensor& shift,
+                  const std::optional<Tensor>& residual, c10::string_view act, bool in_place) {
   const Tensor* res = opt_ptr(residual);
-  const Layout L = check_bn("bn_act_apply", x, nullptr, res, scale, shift);
+  const Layout L = check_bn(op, x, nullptr, res, scale, shift);
   const Act a = act_of(act);
-  Tensor y = empty_dense(x, L);
+  Tensor y = in_place ? x : empty_dense(x, L);
   CK_DISPATCH(x.scalar_type(), "bn_act_apply", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = res ? res->const_data_ptr<scalar_t>() : nullptr;
@@ -95,11 +96,21 @@ Tensor bn_act_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shif
       constexpr bool kR = decltype(R)::value;
       channel_map<M>(L, chan, std::array<const M*, 0>{}, [=](Off off, auto n, const V* P) {
         const V z = bn_z<kR, io>(io::load(xp + off.x, n), rp, off.d, n, P);
-        io::store(yp + off.d, vact_forward<kA>(z), n);
-      }, want_stream(L, sizeof(scalar_t)));
+        io::store(yp + (in_place ? off.x : off.d), vact_forward<kA>(z), n);
+      }, !in_place && want_stream(L, sizeof(scalar_t)));  // in place: the lines are loaded anyway
     });
   });
   return y;
+}
+
+Tensor bn_act_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                        const std::optional<Tensor>& residual, c10::string_view act) {
+  return apply_pass("bn_act_apply", x, scale, shift, residual, act, /*in_place=*/false);
+}
+
+void bn_act_apply__cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                       const std::optional<Tensor>& residual, c10::string_view act) {
+  apply_pass("bn_act_apply_", x, scale, shift, residual, act, /*in_place=*/true);
 }
 
 // gz = grad_y * act'(x * scale[c] + shift[c] (+ residual));
@@ -205,6 +216,7 @@ TORCH_LIBRARY_IMPL(convkernels_C, CPU, m) {
   using namespace convkernels::cpu;
   m.impl("channel_stats", &channel_stats_cpu);
   m.impl("bn_act_apply", &bn_act_apply_cpu);
+  m.impl("bn_act_apply_", &bn_act_apply__cpu);
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce_cpu);
   m.impl("bn_act_backward_apply", &bn_act_backward_apply_cpu);
 }
