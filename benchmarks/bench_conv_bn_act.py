@@ -17,7 +17,8 @@ Modes (``--conv-modes``): ``eval`` fwd under no_grad at ``--batch`` (32), ``eval
 the same at batch 1, ``train`` fwd+bwd at ``--batch``: batch statistics, running
 stats updated in place, autograd.grad w.r.t. x, conv weight, BN weight and bias with
 a fixed grad_y. Quick (default): eval at batch 32 on QUICK_CONVS (5 ResNet-50
-convs, 2 DenseNet units); ``--full``: every distinct conv shape, all three modes.
+convs, 2 DenseNet units); ``--full``: every distinct conv shape, all three modes;
+``--conv-models resnet50`` keeps one model's shapes.
 Layout / dtype defaults: CPU fp32, nchw (``--full``: nchw and cl); CUDA bf16, cl.
 
 FLOPs (TFLOP/s = flops / median): 2*N*Cout*OH*OW*Cin/groups*k*k per forward, x3
@@ -204,6 +205,13 @@ def build_cases(args, device) -> list:
             table = shapes_mod.parse_conv_shapes(args.conv_shapes, batch)
         else:
             table = shapes_mod.conv_shapes(batch, args.full)
+            if args.conv_models:
+                wanted = set(args.conv_models.split(","))
+                unknown = wanted - {"resnet50", "densenet121"}
+                if unknown:
+                    raise SystemExit(f"unknown --conv-models {sorted(unknown)}; expected "
+                                     "resnet50, densenet121")
+                table = [e for e in table if wanted & set(e["models"])]
         meta = OrderedDict(((e["spec"], e["pattern"]), e) for e in table)
         for entry, layout, dtype, base in common.case_grid(list(meta), args, device, make_base,
                                                            layouts, dtypes):

@@ -376,6 +376,9 @@ def common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="conv_bn_act: explicit convs 'Cin,H,W,Cout,k,stride,padding[,groups]"
                         "[,pre];...' (pre: BN->ReLU->conv, else conv->BN->ReLU); batch from "
                         "--conv-modes / --batch")
+    p.add_argument("--conv-models", default=None,
+                   help="conv_bn_act: only the shapes of these models, comma list of resnet50,"
+                        "densenet121 (default both)")
     # densenet only (the end-to-end model bench; a fresh process per variant and mode).
     p.add_argument("--dn-arch", default="densenet121",
                    choices=["densenet121", "densenet161", "densenet169", "densenet201"])

@@ -208,9 +208,10 @@ def _cpu_conv_act(x, weight, bias, stride, padding, dilation, groups, act, resid
                             out)
     direct = out is not None and _channel_slice(out, torch.contiguous_format)
     y = _gemm_conv(x, weight, stride, out if direct else None)
-    ones = torch.ones(y.size(1), dtype=torch.float32)
-    torch.ops.convkernels_C.bn_act_apply_(y, ones, bias if bias is not None else ones.new_zeros(
-        y.size(1)), residual, act)
+    if bias is not None or residual is not None or act != "identity":
+        ones = torch.ones(y.size(1), dtype=torch.float32)
+        shift = bias if bias is not None else torch.zeros_like(ones)
+        torch.ops.convkernels_C.bn_act_apply_(y, ones, shift, residual, act)
     return y if out is None or direct else into(y, out)
 
 
