@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import convkernels
-from convkernels.ops import _conv, reference
+from convkernels.ops import _gemm1x1, reference
 from convkernels.ops._checks import conv_output_size
 
 from conv_configs import CONFIGS, CPU_1X1, GRADCHECK, IDS
@@ -104,8 +104,8 @@ def test_cpu_1x1_paths(cfg, mode):
     cfg, t = _inputs(target, cfg, torch.float32, "nchw", True)
     x, w, s = t["x"], t["conv_weight"], (cfg.stride, cfg.stride)
     gemm = cfg.name.endswith("-gemm")
-    assert _conv._gemm_pays(x, w, s, (0, 0), 1) == gemm
-    assert _conv._gemm_backward_pays(x, w, s, (0, 0), 1) == gemm
+    assert _gemm1x1.gemm_pays(x, w, s, (0, 0), 1) == gemm
+    assert _gemm1x1.gemm_backward_pays(x, w, s, (0, 0), 1) == gemm
     _compare(target, cfg, t, torch.float32, mode == "train", "relu", mode == "train")
     buf = torch.full((cfg.batch, cfg.cout + 5, *t["residual"].shape[2:]), 5.0)
     view = buf[:, 2:2 + cfg.cout]

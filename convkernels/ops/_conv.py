@@ -14,6 +14,7 @@ import torch
 from .. import backend
 from ._checks import conv_output_size
 from ._fold import FOLD_CACHE
+from ._gemm1x1 import gemm_backward_pays, gemm_conv, gemm_conv_backward, gemm_pays
 from ._library import dense, into, memory_format
 from .primitives import _channel_slice, acc_dtype, bn_input
 
@@ -38,101 +39,10 @@ def _triton_conv(x, weight, bias, stride, padding, dilation, groups, out, **fuse
                                                   groups, out=out, **fused)
 
 
-# ----------------------------------------------------- 1x1 convs as GEMMs
-# oneDNN computes NCHW convs in its blocked layout, reordering the input and
-# the result (and in backward the gradients) around its kernel; on a large
-# image that is most of a 1x1 conv's time. As GEMMs over NCHW as it is
-# (weight @ x[n] per sample) they need no reorder. Measured (Intel VM,
-# 2 threads, fp32, batch 32, medians; /tmp microbenchmarks of session 6),
-# GEMM vs aten: forward 1.1-3.8x from 28x28 up (512->128 at 28x28: 56 ->
-# 16 ms) and 1.0-1.3x at 14x14 and 7x7 with up to 128k weights, but 0.7-0.9x
-# at 14x14 and 7x7 with 0.25-1M weights, where oneDNN's kernels beat MKL's
-# GEMM; backward 1.1-4x at 14x14 and up (1024->128 at 14x14: 58 -> 18 ms)
-# and 0.85x at 7x7 with 1M weights. At batch 1 the GEMM won on every
-# ResNet-50 and DenseNet-121 1x1 shape in both directions but the 7x7 ones
-# with large weights, where inference prefers the prepacked oneDNN conv.
-_SMALL_1X1 = 1 << 17  # weight elements (DenseNet's 1024->128 is 131072)
-
-
-def _gemm_1x1(x, weight, stride, padding, groups) -> bool:
-    """x (NCHW fp32 on CPU) with a 1x1 conv without padding or groups."""
-    return (weight.shape[2:] == (1, 1) and groups == 1 and not any(padding)
-            and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous())
-
-
-def _out_pixels(x, stride) -> int:
-    return ((x.size(2) - 1) // stride[0] + 1) * ((x.size(3) - 1) // stride[1] + 1)
-
-
-def _gemm_pays(x, weight, stride, padding, groups) -> bool:
-    """Whether the 1x1 conv of x runs forward as a GEMM (see above)."""
-    if not _gemm_1x1(x, weight, stride, padding, groups):
-        return False
-    return (x.size(2) * x.size(3) >= 28 * 28 or weight.numel() <= _SMALL_1X1
-            or (x.size(0) == 1 and _out_pixels(x, stride) >= 14 * 14))
-
-
-def _gemm_backward_pays(x, weight, stride, padding, groups) -> bool:
-    """Whether the 1x1 conv of x runs backward as GEMMs (see above)."""
-    if not _gemm_1x1(x, weight, stride, padding, groups):
-        return False
-    return (_out_pixels(x, stride) >= 14 * 14 or weight.numel() <= _SMALL_1X1
-            or x.size(0) == 1)
-
-
-def _strided_pixels(x, stride):
-    """x's pixels a 1x1 conv with ``stride`` reads, as an [N, C, pixels] tensor."""
-    if tuple(stride) != (1, 1):
-        x = x[:, :, ::stride[0], ::stride[1]]
-    return x.reshape(x.size(0), x.size(1), -1)
-
-
-def _gemm_conv(x, weight, stride, out=None):
-    """conv2d(x, weight) of a 1x1 conv, NCHW: ``weight @ x[n]`` for every
-    sample in one batched GEMM, written into ``out`` when given (an NCHW
-    tensor or channel slice of one)."""
-    cout, cin = weight.shape[:2]
-    xs = _strided_pixels(x, stride)
-    n, _, p = xs.shape
-    if out is None:
-        oh, ow = (x.size(2) - 1) // stride[0] + 1, (x.size(3) - 1) // stride[1] + 1
-        out = x.new_empty((n, cout, oh, ow))
-    torch.bmm(weight.reshape(1, cout, cin).expand(n, cout, cin), xs, out=out.view(n, cout, p))
-    return out
-
-
-def _gemm_conv_backward(grad, x, weight, stride, has_bias, mask):
-    """(grad_x, grad_weight, grad_bias) of a 1x1 conv (NCHW) as GEMMs: grad_x
-    = weight^T @ grad[n] per sample, grad_weight = sum_n grad[n] @ x[n]^T (one
-    GEMM per sample accumulated in place: faster here than a batched GEMM and
-    a sum)."""
-    cout, cin = weight.shape[:2]
-    g = grad.contiguous()
-    n = g.size(0)
-    g3 = g.view(n, cout, -1)
-    gx = gw = gb = None
-    if mask[0]:
-        gt = torch.bmm(weight.reshape(cout, cin).t().expand(n, cin, cout), g3)
-        if tuple(stride) == (1, 1):
-            gx = gt.view_as(x)
-        else:
-            gx = x.new_zeros(x.shape)
-            gx[:, :, ::stride[0], ::stride[1]] = gt.view(n, cin, *g.shape[2:])
-    if mask[1]:
-        xs = _strided_pixels(x, stride)
-        gw = torch.mm(g3[0], xs[0].t())
-        for i in range(1, n):
-            gw.addmm_(g3[i], xs[i].t())
-        gw = gw.view(cout, cin, 1, 1)
-    if mask[2] and has_bias:
-        gb = g.sum((0, 2, 3))
-    return gx, gw, gb
-
-
 def conv2d(x, weight, bias, stride, padding, dilation, groups):
-    """aten's conv2d, or a GEMM for the 1x1 convs where that pays (see above)."""
-    if _gemm_pays(x, weight, stride, padding, groups):
-        y = _gemm_conv(x, weight, stride)
+    """aten's conv2d, or a GEMM for the 1x1 convs where that pays (_gemm1x1.py)."""
+    if gemm_pays(x, weight, stride, padding, groups):
+        y = gemm_conv(x, weight, stride)
         return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
     return torch.ops.aten.convolution(x, weight, bias, list(stride), list(padding), list(dilation),
                                       False, [0, 0], groups)
@@ -140,9 +50,9 @@ def conv2d(x, weight, bias, stride, padding, dilation, groups):
 
 def conv2d_backward(grad, x, weight, has_bias, stride, padding, dilation, groups, mask):
     """aten's convolution_backward (grad_x, grad_weight, grad_bias as ``mask``
-    asks), or GEMMs for the 1x1 convs where that pays (see above)."""
-    if _gemm_backward_pays(x, weight, stride, padding, groups):
-        return _gemm_conv_backward(grad, x, weight, stride, has_bias, mask)
+    asks), or GEMMs for the 1x1 convs where that pays (_gemm1x1.py)."""
+    if gemm_backward_pays(x, weight, stride, padding, groups):
+        return gemm_conv_backward(grad, x, weight, stride, has_bias, mask)
     return torch.ops.aten.convolution_backward(
         grad, x, weight, [weight.size(0)] if has_bias else None, list(stride), list(padding),
         list(dilation), False, [0, 0], groups, mask)
@@ -203,11 +113,11 @@ def _cpu_conv_act(x, weight, bias, stride, padding, dilation, groups, act, resid
     pays, a GEMM (into ``out`` when it is an NCHW slice) and then bias,
     residual and activation in one pass over the result, in place; else
     oneDNN with post-ops."""
-    if not _gemm_pays(x, weight, stride, padding, groups):
+    if not gemm_pays(x, weight, stride, padding, groups):
         return _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residual,
                             out)
     direct = out is not None and _channel_slice(out, torch.contiguous_format)
-    y = _gemm_conv(x, weight, stride, out if direct else None)
+    y = gemm_conv(x, weight, stride, out if direct else None)
     if bias is not None or residual is not None or act != "identity":
         ones = torch.ones(y.size(1), dtype=torch.float32)
         shift = bias if bias is not None else torch.zeros_like(ones)
