@@ -28,9 +28,9 @@ class ConvConfig:
 
 CONFIGS = [
     ConvConfig("1x1", 32, 48, 1),
-    ConvConfig("1x1-stride2", 32, 48, 1, stride=2, hw=(10, 9)),
     ConvConfig("3x3", 24, 32, 3, padding=1),
     ConvConfig("3x3-stride2", 24, 32, 3, stride=2, padding=1, hw=(10, 11)),
+    ConvConfig("1x1-stride2", 32, 48, 1, stride=2, hw=(10, 9)),
     ConvConfig("5x5", 16, 24, 5, padding=2),
     ConvConfig("7x7-stride2", 3, 16, 7, stride=2, padding=3, hw=(17, 15)),
     ConvConfig("11x11-stride4", 3, 16, 11, stride=4, padding=2, hw=(35, 35)),
@@ -42,6 +42,7 @@ CONFIGS = [
     ConvConfig("batch1", 16, 32, 3, padding=1, batch=1),
 ]
 IDS = [c.name for c in CONFIGS]
+BY_NAME = {c.name: c for c in CONFIGS}
 
 # gradcheck's cost is (input elements) x (output elements): keep it tiny.
 GRADCHECK = ConvConfig("gradcheck", 3, 4, 3, stride=2, padding=1, hw=(5, 6))

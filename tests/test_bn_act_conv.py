@@ -6,7 +6,7 @@ import convkernels
 from convkernels.ops import reference
 from convkernels.ops._checks import conv_output_size
 
-from conv_configs import CONFIGS, GRADCHECK, IDS
+from conv_configs import BY_NAME, CONFIGS, GRADCHECK, IDS
 from harness import (TARGET_IDS, TARGETS, assert_close, check_against_reference, make, on, requires,
                      vector)
 
@@ -57,7 +57,7 @@ def test_configs(target, cfg, mode):
 def test_stats_passed_in(target, act):
     """Batch statistics computed once outside (the dense block's reuse) give the
     same outputs, gradients (through the statistics too) and running stats."""
-    cfg, t = _inputs(target, CONFIGS[1], torch.float32, "channels_last")
+    cfg, t = _inputs(target, BY_NAME["3x3"], torch.float32, "channels_last")
     _compare(target, cfg, t, torch.float32, True, act, True, stats=True)
 
 
@@ -66,7 +66,7 @@ def test_stats_passed_in(target, act):
 @pytest.mark.parametrize("act", ("relu", "identity", "silu", "sigmoid"))
 def test_low_precision_and_acts(target, dtype, act):
     requires(target, dtype)
-    cfg, t = _inputs(target, CONFIGS[1], dtype, "channels_last")
+    cfg, t = _inputs(target, BY_NAME["3x3"], dtype, "channels_last")
     _compare(target, cfg, t, dtype, True, act, True)
 
 
@@ -74,7 +74,7 @@ def test_low_precision_and_acts(target, dtype, act):
 def test_padding_stays_zero(target):
     """With a BN shift that maps 0 to a positive value, the padded border must
     still contribute 0 (padding is applied after the transform, as in torch)."""
-    cfg, t = _inputs(target, CONFIGS[1], torch.float32, "nchw")
+    cfg, t = _inputs(target, BY_NAME["3x3"], torch.float32, "nchw")
     t["bn_bias"] = torch.full_like(t["bn_bias"], 3.0)
     _compare(target, cfg, t, torch.float32, False, "relu", False)
 
@@ -82,7 +82,7 @@ def test_padding_stays_zero(target):
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
 def test_backward_saves_no_activation(target):
     """Backward keeps x, O(C) statistics and the weights, not act(bn(x))."""
-    cfg, t = _inputs(target, CONFIGS[1], torch.float32, "nchw")
+    cfg, t = _inputs(target, BY_NAME["3x3"], torch.float32, "nchw")
     t["x"].requires_grad_(True)
     t["conv_weight"].requires_grad_(True)
     saved = []
@@ -96,7 +96,7 @@ def test_backward_saves_no_activation(target):
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
 @pytest.mark.parametrize("mode", ["train", "eval-inference"])
 def test_out_is_a_channel_slice(target, mode):
-    cfg, t = _inputs(target, CONFIGS[1], torch.float32, "channels_last")
+    cfg, t = _inputs(target, BY_NAME["3x3"], torch.float32, "channels_last")
     oh, ow = conv_output_size("t", t["x"], t["conv_weight"], (1, 1), (1, 1), (1, 1))
     buf = torch.full((cfg.batch, cfg.cout + 5, oh, ow), -7.0, device=target.device).contiguous(
         memory_format=torch.channels_last)
@@ -131,7 +131,7 @@ def test_backward_folds_batch_statistics(target):
     """bn_act_conv_backward with batch_stats=True (the dense block's norm2): the
     gradients of training BN -> act -> conv, with the path through x's own
     batch statistics inside grad_x."""
-    cfg, t = _inputs(target, CONFIGS[1], torch.float32, "channels_last")
+    cfg, t = _inputs(target, BY_NAME["3x3"], torch.float32, "channels_last")
     x = t["x"]
     mean, var = convkernels.ops.batch_stats(x)
     ref = {k: (v.detach().double().requires_grad_(k in GRAD_NAMES[:4]) if v is not None else None)

@@ -6,7 +6,7 @@ import convkernels
 from convkernels.ops import _gemm1x1, reference
 from convkernels.ops._checks import conv_output_size
 
-from conv_configs import CONFIGS, CPU_1X1, GRADCHECK, IDS
+from conv_configs import BY_NAME, CONFIGS, CPU_1X1, GRADCHECK, IDS
 from harness import (TARGET_IDS, TARGETS, Target, assert_close, check_against_reference, make, on,
                      requires, vector)
 
@@ -62,7 +62,7 @@ def test_configs(target, cfg, mode):
 @pytest.mark.parametrize("mode", ["train", "eval-inference"])
 def test_dtypes_and_acts(target, dtype, act, mode):
     requires(target, dtype)
-    cfg = CONFIGS[1]
+    cfg = BY_NAME["3x3"]
     cfg_s, t = _inputs(target, cfg, dtype, "channels_last", True)
     # The conv output is rounded to dtype before BN, so relu's mask flips where
     # it is near 0 and relu gradients cannot match a float64 reference; they are
@@ -75,7 +75,7 @@ def test_dtypes_and_acts(target, dtype, act, mode):
 @pytest.mark.parametrize("mode", ["train", "eval-inference"])
 def test_out_is_a_channel_slice(target, mode):
     """out= writes into a channel slice of a larger buffer and nothing else."""
-    cfg, t = _inputs(target, CONFIGS[1], torch.float32, "channels_last", False)
+    cfg, t = _inputs(target, BY_NAME["3x3"], torch.float32, "channels_last", False)
     n, cout = cfg.batch, cfg.cout
     buf = torch.full((n, cout + 7, *cfg.hw), 5.0, device=target.device).contiguous(
         memory_format=torch.channels_last)
