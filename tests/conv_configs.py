@@ -47,11 +47,14 @@ BY_NAME = {c.name: c for c in CONFIGS}
 # gradcheck's cost is (input elements) x (output elements): keep it tiny.
 GRADCHECK = ConvConfig("gradcheck", 3, 4, 3, stride=2, padding=1, hw=(5, 6))
 
-# NCHW fp32 1x1 convs on each side of the cpu backend's GEMM rule
-# (convkernels/ops/_conv.py): GEMMs on large images or for small weights,
-# oneDNN for large weights on small images (forward and backward alike here).
+# fp32 1x1 convs on each side of the cpu backend's GEMM rules
+# (convkernels/ops/_gemm1x1.py), with whether each layout takes the GEMMs
+# (forward and backward alike for these shapes) or aten's conv.
 CPU_1X1 = [
-    ConvConfig("1x1-gemm", 64, 32, 1, hw=(28, 28)),
-    ConvConfig("1x1-stride2-gemm", 64, 32, 1, stride=2, hw=(28, 27)),
-    ConvConfig("1x1-onednn", 512, 512, 1, hw=(7, 7)),
+    (ConvConfig("1x1-28", 64, 32, 1, hw=(28, 28)), {"nchw": True, "channels_last": True}),
+    (ConvConfig("1x1-stride2", 64, 32, 1, stride=2, hw=(28, 27)),
+     {"nchw": True, "channels_last": True}),
+    (ConvConfig("1x1-56", 64, 32, 1, hw=(56, 56)), {"nchw": True, "channels_last": False}),
+    (ConvConfig("1x1-large-weight", 512, 512, 1, hw=(7, 7)),
+     {"nchw": False, "channels_last": True}),
 ]

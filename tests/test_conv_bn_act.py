@@ -92,22 +92,24 @@ def test_out_is_a_channel_slice(target, mode):
     assert torch.all(buf[:, :3] == 5) and torch.all(buf[:, 3 + cout:] == 5)
 
 
-@pytest.mark.parametrize("cfg", CPU_1X1, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CPU_1X1, ids=lambda c: c[0].name)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval-inference"])
-def test_cpu_1x1_paths(cfg, mode):
-    """The cpu backend runs NCHW 1x1 convs as GEMMs or in oneDNN by shape
-    (forward, backward and folded inference): each matches the reference,
-    with a residual, and written into an NCHW channel slice."""
+def test_cpu_1x1_paths(case, layout, mode):
+    """The cpu backend runs 1x1 convs as GEMMs or in aten/oneDNN by shape and
+    layout (forward, backward and folded inference): each matches the
+    reference, with a residual, and written into a channel slice."""
     if not convkernels.backend.available("cpu", "cpu"):
         pytest.skip("convkernels._C not built")
     target = Target("cpu", "cpu", small=False)
-    cfg, t = _inputs(target, cfg, torch.float32, "nchw", True)
+    cfg, t = _inputs(target, case[0], torch.float32, layout, True)
     x, w, s = t["x"], t["conv_weight"], (cfg.stride, cfg.stride)
-    gemm = cfg.name.endswith("-gemm")
-    assert _gemm1x1.gemm_pays(x, w, s, (0, 0), 1) == gemm
-    assert _gemm1x1.gemm_backward_pays(x, w, s, (0, 0), 1) == gemm
+    assert _gemm1x1.gemm_pays(x, w, s, (0, 0), 1) == case[1][layout]
+    assert _gemm1x1.gemm_backward_pays(x, w, s, (0, 0), 1) == case[1][layout]
     _compare(target, cfg, t, torch.float32, mode == "train", "relu", mode == "train")
-    buf = torch.full((cfg.batch, cfg.cout + 5, *t["residual"].shape[2:]), 5.0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    buf = torch.full((cfg.batch, cfg.cout + 5, *t["residual"].shape[2:]), 5.0).contiguous(
+        memory_format=fmt)
     view = buf[:, 2:2 + cfg.cout]
     with on(target), torch.no_grad():
         _call(lambda *a: convkernels.ops.conv_bn_act(*a, out=view), cfg, t, mode == "train",

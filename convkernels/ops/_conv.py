@@ -113,7 +113,7 @@ def _cpu_conv_act(x, weight, bias, stride, padding, dilation, groups, act, resid
     pays, a GEMM (into ``out`` when it is an NCHW slice) and then bias,
     residual and activation in one pass over the result, in place; else
     oneDNN with post-ops."""
-    if not gemm_pays(x, weight, stride, padding, groups):
+    if not (x.is_contiguous() and gemm_pays(x, weight, stride, padding, groups)):
         return _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residual,
                             out)
     direct = out is not None and _channel_slice(out, torch.contiguous_format)
