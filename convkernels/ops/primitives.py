@@ -41,6 +41,11 @@ bn_act_backward_apply(grad_y, x, scale, shift, residual, act, k1, k2, k3,
     ``grad_x = k1[c] * gz + k2[c] * x + k3[c]`` and ``grad_residual = gz``, in
     x's dtype, in one pass; an output not asked for is returned as None.
 
+bn_act_apply_(x, scale, shift, residual, act) -> None   (compiled CPU kernels only)
+    bn_act_apply written over ``x`` (which may be a channel slice): the
+    epilogue of the CPU backend's GEMM convs (ops/_gemm1x1.py), called
+    directly as ``torch.ops.convkernels_C.bn_act_apply_``.
+
 add_act_forward(x, residual, scale, act) -> y
     ``y = act(residual + scale[n] * x)`` (``scale`` None means 1).
 
