@@ -278,6 +278,8 @@ def _gmean(vals) -> float:
 def summarize(rows, cases, args, device, threads) -> list:
     """Geometric-mean speedups over the ResNet-50 eval cases, per (batch, layout,
     dtype): printed to stdout and written as SUMMARY_BENCH rows. Returns the lines."""
+    if args.conv_models and "resnet50" not in args.conv_models.split(","):
+        return []  # only DenseNet's shapes: its stem alone is no ResNet-50 geomean
     extra = {c.case: c.extra for c in cases}
     times = OrderedDict()  # group -> case -> variant -> median_ms
     for r in rows:
