@@ -16,7 +16,7 @@ from ._checks import conv_output_size
 from ._fold import FOLD_CACHE
 from ._gemm1x1 import gemm_backward_pays, gemm_conv, gemm_conv_backward, gemm_pays
 from ._library import dense, into, memory_format
-from .primitives import _channel_slice, acc_dtype, bn_input
+from .primitives import acc_dtype, bn_input, is_channel_slice
 
 # oneDNN post-op names of our activations. After a fused residual add oneDNN
 # takes relu (or nothing) only.
@@ -108,6 +108,14 @@ def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residu
     return y.contiguous(memory_format=fmt)
 
 
+def _bias_as_scale_shift(bias, z):
+    """(ones, bias) per channel of the conv result z: a bias as the (scale,
+    shift) of the bn_act_apply epilogue (zeros without a bias)."""
+    ones = torch.ones(z.size(1), dtype=bias.dtype if bias is not None else torch.float32,
+                      device=z.device)
+    return ones, bias if bias is not None else torch.zeros_like(ones)
+
+
 def _cpu_conv_act(x, weight, bias, stride, padding, dilation, groups, act, residual, out):
     """The CPU fp32 inference conv with its epilogue: for a 1x1 conv where that
     pays, a GEMM (into ``out`` when it is an NCHW slice) and then bias,
@@ -116,12 +124,10 @@ def _cpu_conv_act(x, weight, bias, stride, padding, dilation, groups, act, resid
     if not (x.is_contiguous() and gemm_pays(x, weight, stride, padding, groups)):
         return _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residual,
                             out)
-    direct = out is not None and _channel_slice(out, torch.contiguous_format)
+    direct = out is not None and is_channel_slice(out, torch.contiguous_format)
     y = gemm_conv(x, weight, stride, out if direct else None)
     if bias is not None or residual is not None or act != "identity":
-        ones = torch.ones(y.size(1), dtype=torch.float32)
-        shift = bias if bias is not None else torch.zeros_like(ones)
-        torch.ops.convkernels_C.bn_act_apply_(y, ones, shift, residual, act)
+        torch.ops.convkernels_C.bn_act_apply_(y, *_bias_as_scale_shift(bias, y), residual, act)
     return y if out is None or direct else into(y, out)
 
 
@@ -138,10 +144,9 @@ def conv_act(name, x, weight, bias, stride, padding, dilation, groups, act, resi
         return _cpu_conv_act(x, weight, bias, stride, padding, dilation, groups, act, residual,
                              out)
     z = conv2d(x, weight, None, stride, padding, dilation, groups)
-    ones = torch.ones(z.size(1), dtype=bias.dtype if bias is not None else torch.float32, device=z.device)
-    shift = bias if bias is not None else torch.zeros_like(ones)
     fmt = memory_format(z)
-    y = backend.kernels(name).bn_act_apply(dense(z, fmt), ones, shift, dense(residual, fmt), act)
+    y = backend.kernels(name).bn_act_apply(dense(z, fmt), *_bias_as_scale_shift(bias, z),
+                                           dense(residual, fmt), act)
     return into(y, out)
 
 

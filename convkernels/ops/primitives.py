@@ -89,7 +89,7 @@ class CompiledKernels:
         return getattr(torch.ops.convkernels_C, name)
 
 
-def _channel_slice(x: torch.Tensor, fmt: torch.memory_format) -> bool:
+def is_channel_slice(x: torch.Tensor, fmt: torch.memory_format) -> bool:
     """x is a channel slice of a tensor dense in ``fmt``: its strides but for a
     larger batch stride (NCHW) or pixel stride (channels_last)."""
     if x.dim() != 4:
@@ -106,6 +106,6 @@ def bn_input(k, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     argument): a channel slice as is where ``k`` reads slices in place (a
     DenseNet block's buffer prefix: no copy), else dense in ``fmt``."""
     reads = getattr(k, "reads_channel_slices", None)
-    if reads is not None and reads(x) and _channel_slice(x, fmt):
+    if reads is not None and reads(x) and is_channel_slice(x, fmt):
         return x
     return x.contiguous(memory_format=fmt)
