@@ -122,31 +122,67 @@ def kernels(name: str):
 _TUNED: dict = {}
 
 
-def _time_ms(run, name: str, reps: int = 5) -> float:
-    run(name)  # warm-up: Triton compiles and autotunes its kernels here
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        run(name)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+def _frozen(v):
+    """``v`` with lists (conv arguments) as tuples, so that it can be a dict key."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(e) for e in v)
+    if isinstance(v, torch.Tensor):
+        raise TypeError("convkernels: a tuning key holds tensors' shapes and strides, not tensors")
+    return v
+
+
+def tensor_key(t) -> tuple | None:
+    """What of a tensor argument changes which backend is faster: shape,
+    strides (layout, channel slices) and dtype."""
+    return None if t is None else (tuple(t.shape), t.stride(), t.dtype)
+
+
+def _math_flags() -> tuple:
+    """Global flags that change the kernels the GPU backends run (TF32, cuDNN)."""
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic,
+            torch.get_float32_matmul_precision())
+
+
+def _time_ms(run, name: str, device: torch.device, reps: int = 5) -> float:
+    """Mean time of ``run(name)`` on ``device`` (events and syncs on that
+    device's current stream, not the current device's)."""
+    with torch.cuda.device(device):
+        run(name)  # warm-up: Triton compiles and autotunes its kernels here
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(reps):
+            run(name)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+
+
+def _tunable(device: torch.device, impl: str) -> bool:
+    """Whether an ``auto`` call on ``device`` chooses between cuda and triton."""
+    return (get_backend() == "auto" and device.type == "cuda" and impl == "cuda"
+            and available("triton", "cuda") and not torch.compiler.is_compiling())
 
 
 def resolve_tuned(device: torch.device, key: tuple, run) -> str:
     """Like :func:`resolve`, but with ``auto`` on a GPU where both ``cuda`` and
     ``triton`` can run, the faster of the two for this call, measured once per
-    ``key`` (the op and its shapes) and cached. ``run(name)`` must compute the
-    op on backend ``name`` without side effects. While ``torch.compile`` traces,
-    nothing is measured and the default order applies."""
+    ``key`` and cached. ``key`` names the op and every argument that changes the
+    launch (see :func:`tensor_key`); the device and the global math flags are
+    added here. ``run(name)`` must compute the op on backend ``name`` without
+    side effects. While ``torch.compile`` traces, nothing is measured and the
+    default order applies."""
     impl = resolve(device)
-    if (get_backend() != "auto" or device.type != "cuda" or impl != "cuda"
-            or not available("triton", "cuda") or torch.compiler.is_compiling()):
+    if not _tunable(device, impl):
         return impl
-    choice = _TUNED.get(key)
+    if device.index is None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    full = (str(device), _math_flags(), _frozen(key))
+    choice = _TUNED.get(full)
     if choice is None:
         with torch.no_grad():
-            choice = min(("cuda", "triton"), key=lambda name: _time_ms(run, name))
-        _TUNED[key] = choice
+            choice = min(("cuda", "triton"), key=lambda name: _time_ms(run, name, device))
+        _TUNED[full] = choice
     return choice

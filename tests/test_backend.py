@@ -100,16 +100,145 @@ def test_gpu_auto_choice_is_measured_once_per_shape(monkeypatch):
     monkeypatch.setattr(backend, "_TUNED", {})
     timed = []
 
-    def fake_time(run, name):
-        timed.append(name)
+    def fake_time(run, name, device):
+        timed.append((name, device))
         return {"cuda": 2.0, "triton": 1.0}[name]
 
     monkeypatch.setattr(backend, "_time_ms", fake_time)
-    gpu = torch.device("cuda")
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
     run = lambda name: None  # noqa: E731
-    assert backend.resolve_tuned(gpu, ("op", 1), run) == "triton"
-    assert backend.resolve_tuned(gpu, ("op", 1), run) == "triton"
-    assert sorted(timed) == ["cuda", "triton"]  # measured once
+    key = ("op", [1, 1], 1)  # conv arguments come as lists
+    assert backend.resolve_tuned(gpu0, key, run) == "triton"
+    assert backend.resolve_tuned(gpu0, key, run) == "triton"
+    assert sorted(timed) == [("cuda", gpu0), ("triton", gpu0)]  # measured once
+    # another device is another measurement, timed on that device
+    assert backend.resolve_tuned(gpu1, key, run) == "triton"
+    assert sorted(timed[2:]) == [("cuda", gpu1), ("triton", gpu1)]
+    # so are other global math flags (TF32 changes the kernels both backends run)
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = not before
+        backend.resolve_tuned(gpu0, key, run)
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    assert len(timed) == 6 and len(backend._TUNED) == 3
     with convkernels.use_backend("cuda"):
-        assert backend.resolve_tuned(gpu, ("op", 1), run) == "cuda"  # explicit choice wins
-    assert backend.resolve_tuned(torch.device("cpu"), ("op", 1), run) == "cpu"
+        assert backend.resolve_tuned(gpu0, key, run) == "cuda"  # explicit choice wins
+    assert backend.resolve_tuned(torch.device("cpu"), key, run) == "cpu"
+    with pytest.raises(TypeError, match="not tensors"):
+        backend.resolve_tuned(gpu0, ("op", torch.ones(1)), run)
+
+
+def test_timing_runs_on_the_tensors_device(monkeypatch):
+    """_time_ms records and synchronises on the device it times, not the current one."""
+    entered, synced, runs = [], [], []
+    current = [None]
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+            current[0] = self.device
+
+        def __exit__(self, *exc):
+            current[0] = None
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            self.device = None
+
+        def record(self):
+            self.device = current[0]
+
+        def synchronize(self):
+            synced.append(self.device)
+
+        def elapsed_time(self, other):
+            return 10.0
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    gpu1 = torch.device("cuda", 1)
+    ms = backend._time_ms(lambda name: runs.append((name, current[0])), "triton", gpu1, reps=5)
+    assert ms == 2.0
+    assert entered == [gpu1] and set(synced) == {gpu1}
+    assert runs == [("triton", gpu1)] * 6  # warm-up + 5, all inside the device guard
+
+
+triton_on_cpu = pytest.mark.skipif(not backend.available("triton", "cpu"),
+                                   reason="triton not importable (interpreter)")
+
+
+@triton_on_cpu
+def test_tuned_choice_drives_the_conv_ops(monkeypatch):
+    """The auto cuda/triton choice of conv_bn_act and bn_act_conv, driven on CPU
+    tensors (the Triton interpreter stands in for the GPU): every key is hashable,
+    every argument that changes the launch makes its own key, the tuning runs
+    change nothing the caller sees, and the op's results are right."""
+    from convkernels.ops import reference
+
+    monkeypatch.setattr(backend, "_tunable", lambda device, impl: True)
+    monkeypatch.setattr(backend, "_TUNED", {})
+    seen = []
+
+    def fake_time(run, name, device):
+        if name == "triton":  # the only one runnable here; check it is side-effect free
+            before = [t.clone() for t in watched]
+            run(name)
+            assert all(torch.equal(a, b) for a, b in zip(before, watched))
+        seen.append(name)
+        return {"cuda": 2.0, "triton": 1.0}[name]
+
+    monkeypatch.setattr(backend, "_time_ms", fake_time)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, generator=g)
+    w = torch.randn(16, 8, 3, 3, generator=g) * 0.2
+    rm, rv = torch.randn(16, generator=g) * 0.1, torch.rand(16, generator=g) + 0.5
+    bw, bb = torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g)
+    res = torch.randn(2, 16, 6, 6, generator=g)
+    buf = torch.zeros(2, 24, 6, 6)
+    watched = [rm, rv, buf]
+    ops = convkernels.ops
+
+    def conv_eval(**kw):
+        return ops.conv_bn_act(kw.pop("x", x), kw.pop("w", w), None, rm, rv, bw, bb, False,
+                               0.1, 1e-5, 1, 1, 1, 1, "relu", **kw)
+
+    want = reference.conv_bn_act(x, w, None, rm, rv, bw, bb, False, 0.1, 1e-5, [1, 1], [1, 1],
+                                 [1, 1], 1, "relu", res)
+    torch.testing.assert_close(conv_eval(residual=res), want, atol=1e-4, rtol=1e-4)
+    assert len(backend._TUNED) == 1
+    conv_eval(residual=res)
+    assert len(backend._TUNED) == 1  # the same call is not measured again
+    conv_eval(residual=res, out=buf[:, 4:20])  # a channel slice adds a copy: its own key
+    torch.testing.assert_close(buf[:, 4:20], want, atol=1e-4, rtol=1e-4)
+    assert buf[:, :4].abs().sum() == 0 and buf[:, 20:].abs().sum() == 0
+    conv_eval(residual=res.contiguous(memory_format=torch.channels_last))
+    conv_eval(residual=res, w=w.contiguous(memory_format=torch.channels_last))
+    conv_eval()
+    assert len(backend._TUNED) == 5
+    # training: its own key; the running stats are updated once, by the op
+    rm0, rv0 = rm.clone(), rv.clone()
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y = ops.conv_bn_act(x, w, None, rm, rv, bw, bb, True, 0.1, 1e-5, 1, 1, 1, 1, "relu")
+    y_ref = reference.conv_bn_act(x, w, None, rm_ref, rv_ref, bw, bb, True, 0.1, 1e-5, [1, 1],
+                                  [1, 1], [1, 1], 1, "relu", None)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rm, rm_ref)
+    torch.testing.assert_close(rv, rv_ref)
+    assert not torch.equal(rm, rm0) and not torch.equal(rv, rv0)
+    assert len(backend._TUNED) == 6
+    # bn_act_conv: eval and training are separate keys
+    xw = torch.randn(16, 8, 1, 1, generator=g) * 0.3
+    for training in (False, True):
+        got = ops.bn_act_conv(x, rm[:8].clone(), rv[:8].clone(), bw[:8], bb[:8], training, 0.1, 1e-5,
+                              "relu", xw, None)
+        want = reference.bn_act_conv(x, rm[:8].clone(), rv[:8].clone(), bw[:8], bb[:8], training, 0.1,
+                                     1e-5, "relu", xw, None, [1, 1], [0, 0], [1, 1], 1, None)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert len(backend._TUNED) == 8
+    assert set(seen) == {"cuda", "triton"}
+    assert set(backend._TUNED.values()) == {"triton"}

@@ -27,7 +27,7 @@ from . import _autocast, reference
 from ._checks import (check_act, check_bn_args, check_conv_args, check_input, check_result_like,
                       check_vector, conv_output_size, pair)
 from ._conv import act_conv, conv2d_backward, empty_conv_out
-from .conv_bn_act import _layout_key
+from .conv_bn_act import scratch_like, tuning_key
 from ._fold import bn_scale_shift, eval_scale_shift
 from ._library import (define_with_out, into, memory_format, needs_grad, plain_eager,
                        strided_like, unpack_grads)
@@ -190,13 +190,22 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
     conv = (list(stride), list(padding), list(dilation), groups)
     acc = acc_dtype(x.dtype)
 
-    def run(name):  # the op on backend ``name``, without side effects (for tuning)
-        c = x.size(1)
-        return torch.ops.convkernels.bn_act_conv_forward(
-            x, x.new_zeros(c, dtype=acc), x.new_ones(c, dtype=acc), bn_weight, bn_bias, eps, act,
-            conv_weight, conv_bias, *conv, name)
+    # mean and var come from stats, the running stats (eval) or x.detach() (training)
+    bn_stats = stats if stats is not None else (() if training else (running_mean, running_var))
+    no_grad = not needs_grad(x, bn_weight, bn_bias, conv_weight, conv_bias, *bn_stats)
 
-    impl = backend.resolve_tuned(x.device, (OP, *_layout_key(x, conv_weight), *conv, act), run)
+    def run(name):  # the op on backend ``name``, into a scratch ``out``: no side effects
+        c = x.size(1)
+        args = (x, x.new_zeros(c, dtype=acc), x.new_ones(c, dtype=acc), bn_weight, bn_bias, eps,
+                act, conv_weight, conv_bias, *conv, name)
+        scratch = scratch_like(out)
+        if scratch is not None and no_grad:
+            return torch.ops.convkernels.bn_act_conv_out(*args, scratch)
+        return into(torch.ops.convkernels.bn_act_conv_forward(*args), scratch)
+
+    impl = backend.resolve_tuned(
+        x.device, (*tuning_key(OP, x, conv_weight, conv_bias, None, out, conv, act), training,
+                   stats is None, no_grad), run)
     if impl == "reference":
         return into(reference.bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias,
                                           training, momentum, eps, act, conv_weight, conv_bias,
@@ -217,7 +226,6 @@ def _bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training, mom
         mean, var = running_mean.to(acc), running_var.to(acc)
     args = (x, mean, var, bn_weight, bn_bias, eps, act, conv_weight, conv_bias, list(stride),
             list(padding), list(dilation), groups, impl)
-    no_grad = not needs_grad(x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias)
     if no_grad and plain_eager(x, mean, var, bn_weight, bn_bias, conv_weight, conv_bias, out):
         if training:
             return _forward(*args, out, True)

@@ -34,8 +34,17 @@ from .primitives import acc_dtype
 OP = "conv_bn_act"
 
 
-def _layout_key(x, weight) -> tuple:
-    return (tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape))
+def tuning_key(op, x, conv_weight, conv_bias, residual, out, conv, act) -> tuple:
+    """The arguments of a conv op that change which GPU backend is faster (see
+    backend.resolve_tuned): layouts and channel slices included."""
+    return (op, backend.tensor_key(x), backend.tensor_key(conv_weight), conv_bias is not None,
+            backend.tensor_key(residual), backend.tensor_key(out), *conv, act)
+
+
+def scratch_like(out):
+    """A tensor with ``out``'s size and strides, for a tuning run to write into."""
+    return None if out is None else torch.empty_strided(out.size(), out.stride(),
+                                                        dtype=out.dtype, device=out.device)
 
 
 def _out_shape(x, weight, stride, padding, dilation):
@@ -202,17 +211,22 @@ def _conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight
     conv = (list(stride), list(padding), list(dilation), groups)
     folded = not training and not needs_grad(*params)
 
-    def run(name):  # the op on backend ``name``, without side effects (for tuning)
+    def run(name):  # the op on backend ``name``, into a scratch ``out``: no side effects
+        scratch = scratch_like(out)
         if folded:
-            return torch.ops.convkernels.conv_bn_act_eval(
-                x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps,
-                *conv, act, residual, name)
-        return torch.ops.convkernels.conv_bn_act_forward(
+            args = (x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps,
+                    *conv, act, residual, name)
+            if scratch is None:
+                return torch.ops.convkernels.conv_bn_act_eval(*args)
+            return torch.ops.convkernels.conv_bn_act_eval_out(*args, scratch)
+        y = torch.ops.convkernels.conv_bn_act_forward(
             x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
-            eps, *conv, act, residual, name)
+            eps, *conv, act, residual, name)[0]
+        return into(y, scratch)
 
-    impl = backend.resolve_tuned(x.device, (OP, folded, training, *_layout_key(x, conv_weight),
-                                            *conv, act, residual is not None), run)
+    impl = backend.resolve_tuned(
+        x.device, (*tuning_key(OP, x, conv_weight, conv_bias, residual, out, conv, act), folded,
+                   training), run)
     if impl == "reference":
         y = reference.conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight,
                                   bn_bias, training, momentum, eps, stride, padding, dilation,
