@@ -8,7 +8,9 @@ from . import _extension  # noqa: F401  (loads convkernels._C when built)
 from . import nn, ops
 from . import models
 from .backend import get_backend, set_backend, use_backend
+from .ops._fold import clear_caches
 
 __version__ = "0.1.0"
 
-__all__ = ["get_backend", "models", "nn", "ops", "set_backend", "use_backend", "__version__"]
+__all__ = ["clear_caches", "get_backend", "models", "nn", "ops", "set_backend", "use_backend",
+           "__version__"]

@@ -50,7 +50,16 @@ class _FoldCache:
     def get(self, tensors, kind, compute):
         """``compute()``, cached for the current contents of ``tensors`` (by
         identity and version counter); ``kind`` (hashable) names what is
-        derived from them, so one tensor may have several derived values."""
+        derived from them, so one tensor may have several derived values.
+
+        Inference tensors (made under ``torch.inference_mode()``, e.g. the
+        parameters of a model built there) have no version counter, so a
+        value derived from one cannot be kept fresh: it is computed on every
+        call. A value derived from normal tensors under inference mode is
+        computed with inference mode off, so that the cached value is a normal
+        tensor that later calls with autograd or no_grad can use."""
+        if any(t is not None and t.is_inference() for t in tensors):
+            return compute()
         key = tuple(id(t) for t in tensors) + (kind,)
         sig = self._signature(tensors)
         with self._lock:
@@ -63,7 +72,8 @@ class _FoldCache:
                                           for r, t in zip(refs, tensors)):
                     self._entries.move_to_end(key)
                     return value
-        value = compute()
+        with torch.inference_mode(False):  # a no-op outside inference mode
+            value = compute()
         dead = self._dead
 
         def died(ref, key=key):
@@ -89,6 +99,12 @@ class _FoldCache:
 
 
 FOLD_CACHE = _FoldCache()
+
+
+def clear_caches() -> None:
+    """Forgets every cached derived weight (folded, prepacked, cast): for a
+    change the version counters do not show, e.g. a write through ``.data``."""
+    FOLD_CACHE.clear()
 
 
 def bn_scale_shift(weight, bias, mean, invstd):
