@@ -5,12 +5,13 @@
 >>> block = convkernels.nn.BatchNormAct2d(64, act="relu")
 """
 from . import _extension  # noqa: F401  (loads convkernels._C when built)
-from . import nn, ops
+from . import fuse, nn, ops
 from . import models
 from .backend import get_backend, set_backend, use_backend
+from .fuse import explain, optimize, unoptimize
 from .ops._fold import clear_caches
 
 __version__ = "0.1.0"
 
-__all__ = ["clear_caches", "get_backend", "models", "nn", "ops", "set_backend", "use_backend",
-           "__version__"]
+__all__ = ["clear_caches", "explain", "fuse", "get_backend", "models", "nn", "ops", "optimize",
+           "set_backend", "unoptimize", "use_backend", "__version__"]

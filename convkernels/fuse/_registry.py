@@ -1,0 +1,52 @@
+"""The fusion registry: a module class -> the family that fuses its forward.
+
+Classes are registered by import path, so registering torchvision's classes
+imports nothing: a model holding one has imported it already. Matching is by
+exact class (the class found at that path), never by isinstance: a subclass may
+compute something else.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+Named = tuple  # (name relative to the bound module, module)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One part a fused forward computes: ``[conv ->] bn [-> act] [+ residual]``,
+    each a ``Named`` submodule (or None), for the report."""
+    conv: Optional[Named]
+    bn: Named
+    act: Optional[Named]
+    residual: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    # forward(module, *args): the fused forward; a module-level function, so
+    # that a bound one pickles by name.
+    forward: Callable
+    # patterns(module) -> [Pattern]: the parts forward would fuse in module now;
+    # none means there is nothing to bind.
+    patterns: Callable
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(class_path: str, family: Family) -> None:
+    FAMILIES[class_path] = family
+
+
+def family_of(module: nn.Module) -> Optional[Family]:
+    cls = type(module)
+    family = FAMILIES.get(f"{cls.__module__}.{cls.__qualname__}")
+    if family is None or getattr(sys.modules.get(cls.__module__), cls.__qualname__, None) is not cls:
+        return None
+    return family

@@ -1,0 +1,63 @@
+"""Runs inside any ``nn.Sequential``: Conv2d -> BatchNorm2d [-> act] and
+BatchNorm2d -> act, act one of ReLU / SiLU / Sigmoid / Identity (exact classes).
+
+The Sequential's forward runs each run as one op and every other child as
+itself. Runs are found on every call, so a Sequential edited after ``optimize``
+(appended, replaced, deleted children) runs what it holds now.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ._guard import ACTS
+from ._parts import bn_act, conv_bn_act
+from ._registry import Family, Pattern, register
+
+
+def _runs(mods: list):
+    """(start, stop) of each run in ``mods``, left to right, not overlapping."""
+    i, n = 0, len(mods)
+    while i + 1 < n:
+        first, second = type(mods[i]), type(mods[i + 1])
+        if first is nn.Conv2d and second is nn.BatchNorm2d:
+            stop = i + 3 if i + 2 < n and type(mods[i + 2]) in ACTS else i + 2
+        elif first is nn.BatchNorm2d and second in ACTS:
+            stop = i + 2
+        else:
+            i += 1
+            continue
+        yield i, stop
+        i = stop
+
+
+def sequential_forward(seq: nn.Sequential, input):
+    mods = list(seq._modules.values())
+    done = 0
+    for start, stop in _runs(mods):
+        for m in mods[done:start]:
+            input = m(input)
+        run = mods[start:stop]
+        if type(run[0]) is nn.Conv2d:
+            input = conv_bn_act(input, run[0], run[1], run[2] if len(run) == 3 else None)
+        else:
+            input = bn_act(input, run[0], run[1])
+        done = stop
+    for m in mods[done:]:
+        input = m(input)
+    return input
+
+
+def _patterns(seq: nn.Sequential) -> list:
+    items = list(seq._modules.items())
+    patterns = []
+    for start, stop in _runs([m for _, m in items]):
+        run = items[start:stop]
+        if type(run[0][1]) is nn.Conv2d:
+            patterns.append(Pattern(run[0], run[1], run[2] if len(run) == 3 else None))
+        else:
+            patterns.append(Pattern(None, run[0], run[1]))
+    return patterns
+
+
+register("torch.nn.modules.container.Sequential",
+         Family("sequential", sequential_forward, _patterns))
