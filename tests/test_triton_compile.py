@@ -94,3 +94,13 @@ def test_table_covers_acts_and_dtypes(kernel):
 
 def test_case_names_unique():
     assert len(set(CASE_NAMES)) == len(CASE_NAMES)
+
+
+def test_table_covers_int64_offsets():
+    """The conv kernels compile with int64 offsets too, with int32 strides (the
+    products overflow) and with int64 strides (a stride >= 2**31)."""
+    for kernel in ("_conv_gemm_kernel", "_conv_direct_kernel"):
+        cases = [c for c in CASES if c.name.split("[")[0] == kernel]
+        assert {c.constexprs["IDX64"] for c in cases} == {False, True}, kernel
+        wide = [c for c in cases if c.constexprs["IDX64"]]
+        assert {c.signature["sxh"] for c in wide} == {"i32", "i64"}, kernel

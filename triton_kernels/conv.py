@@ -144,7 +144,14 @@ def _direct_triton_configs():
             for bm, bc, w, s in DIRECT_CONFIGS]
 
 
-_TUNE_KEY = ["Cin_g", "Cout_g", "KH", "KW", "stride_h", "stride_w", "M_BUCKET"]
+# Every argument that changes the best config or which configs may run: STATS
+# (stats calls run only configs with BLOCK_M >= STATS_MIN_BLOCK_M, which the
+# workspace is sized for; an eval call's cached choice must never serve them),
+# Cout with Cout_g (groups: depthwise layers of different widths), LAYOUT (which
+# of x, weight and out have unit channel stride), and, added by the autotuner,
+# every tensor argument's dtype.
+_TUNE_KEY = ["Cin_g", "Cout_g", "Cout", "KH", "KW", "stride_h", "stride_w", "M_BUCKET", "LAYOUT",
+             "STATS"]
 
 
 def _autotune(configs, prune):
@@ -156,6 +163,20 @@ def _autotune(configs, prune):
 # ----------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _wide(sxc, sxh, sxw, swo, swc, swh, sww, src, srh, srw, soc, soh, sow, IDX64: tl.constexpr):
+    """The within-sample strides, as int64 when IDX64 (the launcher's check that
+    some offset within a sample of x, weight, residual or out may reach 2**31):
+    every offset multiplied by them is then computed in int64. Else as they are
+    (int32, or the constant 1 the JIT made of a unit stride)."""
+    if IDX64:
+        one = tl.full((), 1, tl.int64)
+        return (sxc * one, sxh * one, sxw * one, swo * one, swc * one, swh * one, sww * one,
+                src * one, srh * one, srw * one, soc * one, soh * one, sow * one)
+    else:
+        return sxc, sxh, sxw, swo, swc, swh, sww, src, srh, srw, soc, soh, sow
 
 
 @triton.jit
@@ -240,13 +261,15 @@ def _conv_gemm_kernel(
     swo, swc, swh, sww,
     srn, src, srh, srw,
     son, soc, soh, sow,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, M_BUCKET,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, M_BUCKET, LAYOUT,
     KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr, ALLOW_TF32: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PRO: tl.constexpr, IN_ACT: tl.constexpr,
-    HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Implicit-GEMM conv tile [BLOCK_M positions, BLOCK_N channels of group g]."""
+    sxc, sxh, sxw, swo, swc, swh, sww, src, srh, srw, soc, soh, sow = _wide(
+        sxc, sxh, sxw, swo, swc, swh, sww, src, srh, srw, soc, soh, sow, IDX64)
     acc_ty = ws_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
     op_ty = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -325,13 +348,15 @@ def _conv_direct_kernel(
     swo, swc, swh, sww,
     srn, src, srh, srw,
     son, soc, soh, sow,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, M_BUCKET,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, M_BUCKET, LAYOUT,
     KH: tl.constexpr, KW: tl.constexpr, ONE_GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PRO: tl.constexpr, IN_ACT: tl.constexpr,
-    HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Direct conv tile [BLOCK_M positions, BLOCK_C output channels], FMA in acc dtype."""
+    sxc, sxh, sxw, swo, swc, swh, sww, src, srh, srw, soc, soh, sow = _wide(
+        sxc, sxh, sxw, swo, swc, swh, sww, src, srh, srw, soc, soh, sow, IDX64)
     acc_ty = ws_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -461,6 +486,19 @@ def _has_internal_overlap(t):
             return True
         extent = st * (s - 1) + extent
     return False
+
+
+def _layout_code(x, w, out) -> int:
+    """Which of x, the weight and out have unit channel stride (autotune key)."""
+    return (x.stride(1) == 1) + 2 * (w.stride(1) == 1) + 4 * (out.stride(1) == 1)
+
+
+def _needs_int64(t, first_dim: int = 1) -> bool:
+    """Whether an offset within one sample of ``t`` (dims 1-3: the sample offset
+    itself is int64) may pass int32; for the weight, whose every dim is
+    multiplied in the kernel, first_dim=0."""
+    return sum((n - 1) * st for n, st in zip(t.shape[first_dim:], t.stride()[first_dim:])) \
+        >= 2**31
 
 
 def _allow_tf32(x):
@@ -606,10 +644,11 @@ def conv2d_fused(x, weight, bias, stride, padding, dilation, groups, in_scale=No
         res, out, ws,
         H, W, OH, OW, M, cin_g, cout_g, Cout, ws_t,
         *x.stride(), *w_use.stride(), *res.stride(), *out.stride(),
-        sh, sw, ph, pw, dh, dw, _m_bucket(M),
+        sh, sw, ph, pw, dh, dw, _m_bucket(M), _layout_code(x, w_use, out),
     )
     flags = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_PRO=has_pro, IN_ACT=in_code,
-                 HAS_RES=residual is not None, ACT=code, STATS=bool(stats))
+                 HAS_RES=residual is not None, ACT=code, STATS=bool(stats),
+                 IDX64=any(_needs_int64(t) for t in (x, res, out)) or _needs_int64(w_use, 0))
     with device_guard(x):
         if kind == "gemm":
             flags.update(TAP_MAJOR=tap_major, ALLOW_TF32=_allow_tf32(x))
@@ -689,9 +728,16 @@ def _unwrap(fn):
     return fn
 
 
-def _case(kernel, label, dt, consts, *, cl, num_warps, num_stages, w_cin_unit=False):
+_STRIDES = ("sxc", "sxh", "sxw", "swo", "swc", "swh", "sww", "src", "srh", "srw", "soc", "soh",
+            "sow")
+
+
+def _case(kernel, label, dt, consts, *, cl, num_warps, num_stages, w_cin_unit=False,
+          wide=False):
     """CompileCase with the stride-1 specialisations the JIT makes at run time:
-    channel strides of x / residual / out (channels_last) and of the permuted weight."""
+    channel strides of x / residual / out (channels_last) and of the permuted weight.
+    ``wide``: int64 strides (what the JIT passes for a stride >= 2**31); IDX64
+    cases without it have int32 strides whose products overflow."""
     fn = _unwrap(kernel)
     t = "*" + TRITON_TYPE[dt]
     acc = "*fp64" if dt == torch.float64 else "*fp32"
@@ -699,9 +745,11 @@ def _case(kernel, label, dt, consts, *, cl, num_warps, num_stages, w_cin_unit=Fa
                shift_ptr=acc, ws_ptr=acc)
     unit = {"swc" if w_cin_unit else "swo"} | ({"sxc", "src", "soc"} if cl else {"sxw", "srw", "sow"})
     sig, cx = case_signature(fn, ptr, consts, unit)
+    if wide:
+        sig.update({a: "i64" for a in _STRIDES if sig[a] == "i32"})
     wl = ",wci" if w_cin_unit else ""
-    return CompileCase(f"{fn.__name__}[{label},{'cl' if cl else 'nchw'}{wl}]", fn, sig, cx,
-                       num_warps, num_stages)
+    return CompileCase(f"{fn.__name__}[{label},{'cl' if cl else 'nchw'}{wl}"
+                       f"{',i64' if wide else ''}]", fn, sig, cx, num_warps, num_stages)
 
 
 _ACTS = list(ACT_CODES)
@@ -722,15 +770,18 @@ def compile_cases():
             in_act = _ACTS[(k + 1) % 4]
             pro, res, st = k % 3 == 0, k % 3 == 1, k % 2 == 1
             tf32 = dt == torch.float32 and k % 2 == 0
+            idx64 = (i + j) % 3 == 1
             kh = 3 if tap else 7
             consts = dict(KH=kh, KW=kh, TAP_MAJOR=tap, ALLOW_TF32=tf32, HAS_BIAS=k % 2 == 0,
                           HAS_PRO=pro, IN_ACT=ACT_CODES[in_act], HAS_RES=res,
-                          ACT=ACT_CODES[act], STATS=st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                          ACT=ACT_CODES[act], STATS=st, IDX64=idx64, BLOCK_M=bm,
+                          BLOCK_N=bn, BLOCK_K=bk)
             label = (f"{TRITON_TYPE[dt]},{bm}x{bn}x{bk}w{w}s{s},{'tap' if tap else 'im2col'},"
                      f"tf32={int(tf32)},{act},pro={int(pro)}:{in_act},res={int(res)},"
-                     f"stats={int(st)}")
+                     f"stats={int(st)},idx64={int(idx64)}")
             cases.append(_case(_conv_gemm_kernel, label, dt, consts, cl=k % 5 != 4,
-                               num_warps=w, num_stages=s, w_cin_unit=k % 7 == 3))
+                               num_warps=w, num_stages=s, w_cin_unit=k % 7 == 3,
+                               wide=idx64 and i % 2 == 0))
     for i, (bm, bc, w, s) in enumerate(DIRECT_CONFIGS):
         for j, dt in enumerate(dts):
             k = i * len(dts) + j
@@ -738,13 +789,15 @@ def compile_cases():
             act = _ACTS[k % 4]
             in_act = _ACTS[(k + 2) % 4]
             pro, res, st = k % 2 == 0, k % 3 == 1, k % 2 == 1
+            idx64 = (i + j) % 3 == 1
             consts = dict(KH=3, KW=3, ONE_GROUP=one, HAS_BIAS=k % 2 == 1, HAS_PRO=pro,
                           IN_ACT=ACT_CODES[in_act], HAS_RES=res, ACT=ACT_CODES[act], STATS=st,
-                          BLOCK_M=bm, BLOCK_C=bc)
+                          IDX64=idx64, BLOCK_M=bm, BLOCK_C=bc)
             label = (f"{TRITON_TYPE[dt]},{bm}x{bc}w{w}s{s},one_group={int(one)},{act},"
-                     f"pro={int(pro)}:{in_act},res={int(res)},stats={int(st)}")
+                     f"pro={int(pro)}:{in_act},res={int(res)},stats={int(st)},"
+                     f"idx64={int(idx64)}")
             cases.append(_case(_conv_direct_kernel, label, dt, consts, cl=k % 4 != 3,
-                               num_warps=w, num_stages=s))
+                               num_warps=w, num_stages=s, wide=idx64 and i % 2 == 0))
     return cases
 
 

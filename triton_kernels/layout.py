@@ -206,7 +206,9 @@ def tile_2d(tile, pid_c, hw_blocks, C, HW, sN, sC, sHW,
     hw = hw0 + tl.arange(0, BLOCK_HW)
     c_mask = c < C
     mask = c_mask[:, None] & (hw < HW)[None, :]
-    offs = n.to(tl.int64) * sN + (c[:, None] * sC + hw[None, :] * sHW)
+    # int64 throughout: one sample may span 2**31 elements (c * sC alone can);
+    # the kernels using tiles are memory-bound, so the wider address math is free.
+    offs = n.to(tl.int64) * sN + (c.to(tl.int64)[:, None] * sC + hw.to(tl.int64)[None, :] * sHW)
     n_valid = tl.minimum(HW - hw0, BLOCK_HW)
     return n, c, c_mask, offs, mask, n_valid
 
