@@ -3,7 +3,9 @@
 The CPU part of _C is always built. The CUDA part is built when
 CONVKERNELS_CUDA=1, or (default CONVKERNELS_CUDA=auto) when nvcc and a CUDA
 build of torch are both present. TORCH_CUDA_ARCH_LIST defaults to sm_80 and
-sm_90; MAX_JOBS is honoured by torch's ninja build.
+sm_90 code plus sm_90 PTX, which the driver compiles for newer GPUs (Blackwell);
+the list is recorded in the extension, so that the ``cuda`` backend is only used
+on GPUs it has code for. MAX_JOBS is honoured by torch's ninja build.
 """
 import glob
 import os
@@ -14,6 +16,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _fail(msg):
@@ -90,18 +93,37 @@ def _openmp_flags():
     return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
 
 
+GENERATED = os.path.join(ROOT, "build", "generated")
+
+
+def _write_build_header(cuda_archs):
+    """build/generated/build_info.h: what the extension reports of its build
+    (a header, not a -D flag: the arch list's ';' would reach a shell)."""
+    text = f'#pragma once\n#define CONVKERNELS_CUDA_ARCHS "{cuda_archs}"\n'
+    path = os.path.join(GENERATED, "build_info.h")
+    os.makedirs(GENERATED, exist_ok=True)
+    if not os.path.exists(path) or open(path).read() != text:  # unchanged: no rebuild
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def _extension():
     if shutil.which("c++") is None and shutil.which("g++") is None:
         _fail("no C++ compiler found (install g++)")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     extra = {"cxx": _cpu_flags() + _openmp_flags()}
     link = _openmp_flags()
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    if _cuda_wanted():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    include_dirs = [os.path.join(ROOT, "csrc"), GENERATED]
+    cuda = _cuda_wanted()
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS) if cuda else ""
+    _write_build_header(archs)
+    if cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         include_dirs += _nvidia_wheel_includes()
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: it flushes denormals to zero and approximates
+        # division, exp and rsqrt, so results would differ from the CPU kernels
+        # and the reference; the kernels are memory-bound, where it gains little.
+        extra["nvcc"] = ["-O3", "-lineinfo"]
         extra["cxx"].append("-DCONVKERNELS_WITH_CUDA")
         return cpp_extension.CUDAExtension(
             "convkernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
@@ -120,8 +142,8 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["convkernels", "convkernels.ops", "convkernels.nn", "convkernels.models",
-              "convkernels.triton_kernels"],
+    packages=["convkernels", "convkernels.ops", "convkernels.nn", "convkernels.fuse",
+              "convkernels.models", "convkernels.triton_kernels"],
     # Wheels take the Triton kernels from the top-level triton_kernels/; the
     # symlink convkernels/triton_kernels serves in-tree and editable imports.
     package_dir={"convkernels.triton_kernels": "triton_kernels"},

@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from ._extension import HAS_C, has_cuda_kernels
+from . import _extension
+from ._extension import HAS_C, cuda_kernels_run_on, has_cuda_kernels
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -90,9 +91,16 @@ def resolve(device: torch.device) -> str:
         if kind == "cpu":
             return "cpu" if available("cpu", kind) else "reference"
         for candidate in ("cuda", "triton"):
-            if available(candidate, kind):
+            if available(candidate, kind) and (candidate != "cuda" or cuda_kernels_run_on(device)):
                 return candidate
         return "reference"
+    if name == "cuda" and available(name, kind) and not cuda_kernels_run_on(device):
+        cap = torch.cuda.get_device_capability(device)
+        raise RuntimeError(
+            f"convkernels: backend 'cuda' has no code for {device} (compute capability "
+            f"{cap[0]}.{cap[1]}): convkernels._C was built for TORCH_CUDA_ARCH_LIST="
+            f"{';'.join(_extension.cuda_arch_list())!r}; rebuild with that GPU in the list "
+            "(or use the triton backend)")
     if not available(name, kind):
         hint = {
             "cpu": "it needs convkernels._C and CPU tensors",

@@ -1,5 +1,6 @@
 """Backend selection, and import without the compiled extension."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,7 @@ def test_info_command():
 def test_gpu_auto_choice_is_measured_once_per_shape(monkeypatch):
     """auto on a GPU times cuda and triton once per key and keeps the faster."""
     monkeypatch.setattr(backend, "available", lambda name, kind: True)
+    monkeypatch.setattr(backend, "cuda_kernels_run_on", lambda device: True)
     monkeypatch.setattr(backend, "_TUNED", {})
     timed = []
 
@@ -242,3 +244,69 @@ def test_tuned_choice_drives_the_conv_ops(monkeypatch):
     assert len(backend._TUNED) == 8
     assert set(seen) == {"cuda", "triton"}
     assert set(backend._TUNED.values()) == {"triton"}
+
+
+def test_arch_list_coverage():
+    """Machine code runs within its major version, PTX on anything newer."""
+    from convkernels._extension import archs_cover
+
+    sass, ptx = ["8.0", "9.0"], ["8.0", "9.0+PTX"]
+    for cap in ((8, 0), (8, 6), (8, 9), (9, 0)):
+        assert archs_cover(sass, cap) and archs_cover(ptx, cap)
+    for cap in ((10, 0), (12, 0)):  # Blackwell: only the PTX serves it
+        assert not archs_cover(sass, cap) and archs_cover(ptx, cap)
+    assert not archs_cover(ptx, (7, 5))
+    assert archs_cover(["9.0a"], (9, 0)) and not archs_cover([], (9, 0))
+
+
+def test_auto_skips_cuda_kernels_the_gpu_cannot_run(monkeypatch):
+    """On a GPU _C has no code for, auto takes Triton and an explicit cuda
+    backend says why it cannot run (instead of 'no kernel image' at launch)."""
+    from convkernels import _extension
+
+    monkeypatch.setattr(backend, "available", lambda name, kind: True)
+    monkeypatch.setattr(_extension, "cuda_arch_list", lambda: ["8.0", "9.0"])
+    monkeypatch.setattr(_extension, "_RUNS_ON", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    gpu = torch.device("cuda", 0)
+    assert backend.resolve(gpu) == "triton"
+    with convkernels.use_backend("cuda"), pytest.raises(RuntimeError, match="no code for cuda:0"):
+        backend.resolve(gpu)
+    monkeypatch.setattr(_extension, "cuda_arch_list", lambda: ["8.0", "9.0+PTX"])
+    monkeypatch.setattr(_extension, "_RUNS_ON", {})
+    assert backend.resolve(gpu) == "cuda"
+
+
+def _cuobjdump():
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.access(path, os.X_OK) else None
+
+
+@pytest.mark.skipif(not backend.has_cuda_kernels(), reason="_C built without its CUDA part")
+@pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it comes with triton)")
+def test_built_cuda_code():
+    """The built extension holds what its arch list says (sm_80 and sm_90 code,
+    sm_90 PTX for newer GPUs) and was compiled without --use_fast_math."""
+    from convkernels import _C, _extension
+
+    archs = _extension.cuda_arch_list()
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        assert archs == ["8.0", "9.0+PTX"]
+    so, tool = _C.__file__, _cuobjdump()
+    listing = subprocess.run([tool, "--list-elf", "--list-ptx", so], capture_output=True,
+                             text=True, timeout=300).stdout
+    for entry in archs:
+        base = entry.removesuffix("+PTX").replace(".", "")
+        assert f"sm_{base}" in listing, (entry, listing)
+        if entry.endswith("+PTX"):
+            assert f"compute_{base}" in listing or f"sm_{base}.ptx" in listing, listing
+    ptx = subprocess.run([tool, "--dump-ptx", so], capture_output=True, text=True,
+                         timeout=300).stdout
+    assert "div.rn.f32" in ptx and "fma.rn.f32" in ptx  # IEEE division, denormals kept
+    # --use_fast_math: approximate division, and every f32 op flushing denormals
+    fast = re.findall(r"\bdiv\.(?:approx|full)\S*|\b(?:add|sub|mul|fma\.rn)\.ftz\.f32", ptx)
+    assert not fast, f"built with --use_fast_math: {sorted(set(fast))}"

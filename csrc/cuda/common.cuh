@@ -154,6 +154,11 @@ inline int pow2_ceil_clamped(int64_t v, int lo, int hi) {
   return p;
 }
 
+// Threads along a row of lv vectors: lv rounded up to a power of two, at most
+// kThreads; the rest of the block takes further rows. Short rows (small NCHW
+// images: 4x4, 8x8) share a warp instead of leaving most of it idle.
+inline int row_threads(int64_t lv) { return pow2_ceil_clamped(lv, 1, kThreads); }
+
 inline int pow2_floor(int64_t v) {
   int p = 1;
   while (2 * p <= v) p <<= 1;
@@ -178,7 +183,7 @@ struct LaunchConfig {
 // block (tx along the row, ty rows), grid (row blocks, column blocks).
 inline LaunchConfig rows_config(int64_t R, int64_t L, int V) {
   const int64_t lv = ceil_div(L, V);
-  const int tx = pow2_ceil_clamped(lv, 32, kThreads);
+  const int tx = row_threads(lv);
   const int ty = kThreads / tx;
   const int64_t gy = std::min<int64_t>(ceil_div(lv, tx), kMaxGridY);
   const int64_t cap = std::max<int64_t>(1, resident_blocks(4) / gy);

@@ -237,7 +237,7 @@ void launch_reduce(const Op& op, const Geometry& g, int vec, typename Op::acc_t*
     const int64_t per_channel = g.N * g.HW;
     if (g.layout == Layout::kNCHW) {
       const int64_t lv = ceil_div(g.HW, V);
-      const int tx = pow2_ceil_clamped(lv, 32, kThreads);
+      const int tx = row_threads(lv);
       const int ty = kThreads / tx;
       const int64_t col_chunks = ceil_div(lv, tx);
       const int64_t units = ceil_div(g.N, ty) * col_chunks;
