@@ -11,7 +11,7 @@ def info() -> str:
 
     import convkernels
     from convkernels import backend
-    from convkernels._extension import HAS_C, _IMPORT_ERROR, has_cuda_kernels
+    from convkernels._extension import HAS_C, _IMPORT_ERROR, cuda_arch_list, has_cuda_kernels
 
     try:
         import triton
@@ -26,7 +26,7 @@ def info() -> str:
     if HAS_C:
         compiled.append("cpu")
         if has_cuda_kernels():
-            compiled.append("cuda")
+            compiled.append(f"cuda (TORCH_CUDA_ARCH_LIST {';'.join(cuda_arch_list())})")
     usable = [n for n in backend.BACKENDS[1:] if backend.available(n, device.type)]
     lines = [
         f"convkernels {convkernels.__version__}",
