@@ -418,6 +418,42 @@ def test_fx_trace_sees_the_original_modules(calls):
     assert calls["total"]() == 0
 
 
+def test_jit_trace_records_the_original_modules(calls):
+    ref, opt = pair("user_cnn")
+    ref.eval(), opt.eval()
+    x = inputs()
+    with torch.no_grad():
+        traced = torch.jit.trace(opt, x, check_trace=False)  # its check reruns eagerly
+        assert rel(traced(x), ref(x)) < 1e-4
+    assert calls["total"]() == 0
+    assert "convkernels" not in str(traced.inlined_graph)
+
+
+class _Logged(torch.Tensor):
+    """A __torch_function__ subclass: it sees every torch call, so the fused
+    ops (other calls) must not run on it."""
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_tensor_subclass_input_falls_back(calls):
+    ref, opt = pair("user_cnn")
+    ref.eval(), opt.eval()
+    x = inputs()
+    with torch.no_grad():
+        _Logged.seen = []
+        y_ref = ref(x.as_subclass(_Logged))
+        seen_ref, _Logged.seen = _Logged.seen, []
+        y_opt = opt(x.as_subclass(_Logged))
+    assert calls["total"]() == 0
+    assert _Logged.seen == seen_ref and "batch_norm" in seen_ref
+    assert rel(y_opt.as_subclass(torch.Tensor), y_ref.as_subclass(torch.Tensor)) < 1e-6
+
+
 # ------------------------------------------------------------------ builders
 RESNET_BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
