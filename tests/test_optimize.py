@@ -410,6 +410,31 @@ def test_conv_padding_mode_falls_back(calls):
     assert calls["total"]() == 2 * (fused_parts_expected(opt) - 1)
 
 
+def test_sequential_edited_after_optimize(calls):
+    torch.manual_seed(0)
+    ref = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    opt = optimize(ref)
+    assert [p.op for p in explain(opt).fused] == ["conv_bn_act(act='identity')"]
+    for model in (ref, opt):
+        model.append(nn.SiLU())
+    assert [p.op for p in explain(opt).fused] == ["conv_bn_act(act='silu')"]
+    x = inputs(torch.float64)
+    ref.double(), opt.double()
+    assert rel(opt(x), ref(x)) < 1e-6
+    assert calls["conv_bn_act"] == 1
+
+
+def test_forward_overridden_before_optimize_is_left_alone(calls):
+    ref, _ = pair("resnet18")
+    ref.layer1[0].forward = lambda x: x  # the user's own computation
+    opt = optimize(ref)
+    x = inputs()
+    assert opt.layer1[0](x) is x  # still the user's forward
+    assert "forward" in opt.layer2[0].__dict__ and "layer1.0" not in {
+        p.module for p in explain(opt).fused}
+    assert any(p.module == "layer1.0" and "overridden" in p.reason for p in explain(opt).left)
+
+
 def test_fx_trace_sees_the_original_modules(calls):
     ref, opt = pair("resnet18")
     g_ref, g_opt = torch.fx.symbolic_trace(ref), torch.fx.symbolic_trace(opt)

@@ -28,7 +28,6 @@ class Pattern:
 
 @dataclass(frozen=True)
 class Family:
-    name: str
     # forward(module, *args): the fused forward; a module-level function, so
     # that a bound one pickles by name.
     forward: Callable

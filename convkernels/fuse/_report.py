@@ -54,15 +54,12 @@ def _op(p: Pattern) -> str:
 def _pattern_part(prefix: str, p: Pattern) -> Part:
     checks = ((p.conv, _guard.conv_blocker), (p.bn, _guard.bn_blocker),
               (p.act, _guard.act_blocker))
-    covers = tuple(_qualify(prefix, named[0]) for named, _ in checks if named is not None)
-    reason = _guard.context_blocker() or ""
-    for named, check in checks:
-        if reason:
-            break
-        why = named is not None and check(named[1])
-        if why:
-            reason = f"{_qualify(prefix, named[0])} {why}"
-    return Part(prefix, _op(p), covers, not reason, reason)
+    present = [(_qualify(prefix, named[0]), named[1], check) for named, check in checks
+               if named is not None]
+    # The call-time check's order: the context first, then each module.
+    reason = _guard.context_blocker() or next(
+        (f"{name} {why}" for name, m, check in present if (why := check(m))), "")
+    return Part(prefix, _op(p), tuple(name for name, _, _ in present), not reason, reason)
 
 
 def explain(model: nn.Module) -> Report:
