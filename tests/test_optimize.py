@@ -410,6 +410,13 @@ def test_conv_padding_mode_falls_back(calls):
     assert calls["total"]() == 2 * (fused_parts_expected(opt) - 1)
 
 
+def test_unsupported_device_falls_back(calls):
+    ref, opt = pair("user_cnn")
+    x = inputs().to("meta")  # shapes only: the ops do not run on meta tensors
+    assert opt.to("meta").eval()(x).shape == ref.to("meta").eval()(x).shape
+    assert calls["total"]() == 0
+
+
 def test_sequential_edited_after_optimize(calls):
     torch.manual_seed(0)
     ref = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
