@@ -28,6 +28,7 @@ class Pattern:
 
 @dataclass(frozen=True)
 class Family:
+    name: str  # shown in the report, e.g. "resnet.BasicBlock"
     # forward(module, *args): the fused forward; a module-level function, so
     # that a bound one pickles by name.
     forward: Callable

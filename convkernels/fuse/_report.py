@@ -19,6 +19,7 @@ class Part:
     covers: tuple  # qualified names of the modules the part computes
     fused: bool   # whether the part runs fused now (the call-time check, less the input)
     reason: str   # why not, '' when fused
+    family: str = ""  # the family whose forward computes it ('' where none does)
 
 
 class Report(list):
@@ -51,7 +52,7 @@ def _op(p: Pattern) -> str:
     return f"{name}(act={act!r}{', residual' if p.residual else ''})"
 
 
-def _pattern_part(prefix: str, p: Pattern) -> Part:
+def _pattern_part(prefix: str, p: Pattern, family: str) -> Part:
     checks = ((p.conv, _guard.conv_blocker), (p.bn, _guard.bn_blocker),
               (p.act, _guard.act_blocker))
     present = [(_qualify(prefix, named[0]), named[1], check) for named, check in checks
@@ -59,7 +60,8 @@ def _pattern_part(prefix: str, p: Pattern) -> Part:
     # The call-time check's order: the context first, then each module.
     reason = _guard.context_blocker() or next(
         (f"{name} {why}" for name, m, check in present if (why := check(m))), "")
-    return Part(prefix, _op(p), tuple(name for name, _, _ in present), not reason, reason)
+    return Part(prefix, _op(p), tuple(name for name, _, _ in present), not reason, reason,
+                family)
 
 
 def explain(model: nn.Module) -> Report:
@@ -74,7 +76,7 @@ def explain(model: nn.Module) -> Report:
                 report.append(Part(name, "-", (name,), False, "its class changed after optimize"))
                 continue
             for p in family.patterns(m):
-                part = _pattern_part(name, p)
+                part = _pattern_part(name, p, family.name)
                 report.append(part)
                 covered.update(part.covers)
         elif family is not None and "forward" in m.__dict__:

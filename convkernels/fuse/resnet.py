@@ -81,6 +81,6 @@ def _stem_patterns(model: nn.Module) -> list:
 
 
 _TV = "torchvision.models.resnet."
-register(_TV + "BasicBlock", Family(basic_block_forward, _basic_patterns))
-register(_TV + "Bottleneck", Family(bottleneck_forward, _bottleneck_patterns))
-register(_TV + "ResNet", Family(resnet_forward, _stem_patterns))
+register(_TV + "BasicBlock", Family("resnet.BasicBlock", basic_block_forward, _basic_patterns))
+register(_TV + "Bottleneck", Family("resnet.Bottleneck", bottleneck_forward, _bottleneck_patterns))
+register(_TV + "ResNet", Family("resnet.stem", resnet_forward, _stem_patterns))

@@ -59,4 +59,5 @@ def _patterns(seq: nn.Sequential) -> list:
     return patterns
 
 
-register("torch.nn.modules.container.Sequential", Family(sequential_forward, _patterns))
+register("torch.nn.modules.container.Sequential",
+         Family("sequential", sequential_forward, _patterns))
