@@ -27,7 +27,7 @@ def user_cnn() -> nn.Module:
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(8), nn.SiLU(),
         nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16),                    # act "identity"
-        nn.BatchNorm2d(16), nn.Sigmoid(),
+        nn.BatchNorm2d(16, affine=False), nn.Sigmoid(),
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16, momentum=None), nn.GELU(),
         nn.Conv2d(16, 16, 3, padding=2, dilation=2), nn.BatchNorm2d(16), nn.Identity(),
         nn.MaxPool2d(2),
@@ -49,8 +49,9 @@ def randomise_bn(model: nn.Module) -> nn.Module:
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
                 m.num_batches_tracked.fill_(3)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
     return model
 
 
