@@ -38,7 +38,7 @@ COLUMNS = [
     "bench", "case", "variant", "backend",
     "median_ms", "p20_ms", "p80_ms", "n",
     "bytes", "gbps", "pct_peak_bw", "flops", "tflops",
-    "speedup_vs_eager", "peak_mem_mb", "mem_vs_eager",
+    "speedup_vs_eager", "peak_mem_mb", "mem_vs_eager", "max_rel_err",
     "device", "threads", "torch", "date", "note",
 ]
 KEY = ("bench", "case", "variant")
@@ -396,6 +396,18 @@ def common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--full 50)")
     p.add_argument("--dn-rounds", type=int, default=1,
                    help="densenet: processes per variant and mode, taking turns (default 1)")
+    # models only (whole torchvision models; see bench_models.py).
+    p.add_argument("--models", default=None,
+                   help="models: comma list of torchvision builder names (default resnet50,"
+                        "densenet121; --full: the seven of bench_models.MODELS)")
+    p.add_argument("--modes", default=None,
+                   help="models: comma list of eval<N>, train<N> (batch N; default eval1; --full: "
+                        "eval1,eval8,train16)")
+    p.add_argument("--variants", default=None,
+                   help="models: comma list of torchvision, torchvision-cl, torchvision-compile, "
+                        "convkernels, convkernels-cl, onnxruntime, openvino (default torchvision,"
+                        "convkernels,onnxruntime; --full: all)")
+    p.add_argument("--size", type=int, default=224, help="models: image size (default 224)")
     return p
 
 
