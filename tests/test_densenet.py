@@ -1,6 +1,7 @@
-"""convkernels.models.densenet*: torchvision's module names and weights, the same
-numbers (eval, train, gradients, running statistics), and the shared-buffer
-dense block's memory: bytes saved for backward far below torchvision's.
+"""convkernels.models.densenet*: torchvision's model (class, module names,
+weights) with the fuse.densenet family bound, giving the same numbers (eval,
+train, gradients, running statistics), and the shared-buffer dense block's
+memory: bytes saved for backward far below torchvision's.
 
 Tolerances (DESIGN.md, Verification): relative error ||a - b|| / ||b|| of
 outputs in fp32 <= 1e-4; gradients and running stats in float64 <= 1e-6.
@@ -147,6 +148,7 @@ def _compare_train_step(ours, tv, x, seed=None, check_input_grad=True, tol=GRAD_
 @pytest.mark.parametrize("arch", ARCHS)
 def test_module_names_match_torchvision(arch):
     ours, tv = _pair(arch)
+    assert type(ours) is torchvision.models.DenseNet
     assert list(ours.state_dict()) == list(tv.state_dict())
     assert [n for n, _ in ours.named_modules()] == [n for n, _ in tv.named_modules()]
     for (n, m), (_, t) in zip(ours.named_modules(), tv.named_modules()):
@@ -337,15 +339,42 @@ def test_several_steps_with_optimizer():
 
 
 @needs_cpu
-def test_dense_layer_called_alone():
-    """A layer on its own takes a tensor or a list of tensors, as torchvision's."""
-    ours, tv = _pair("DenseNet", torch.float64, False, **SMALL)
-    lo, lt = ours.features.denseblock1.denselayer2, tv.features.denseblock1.denselayer2
-    parts = [_input((2, 16, 8, 8), seed=3), _input((2, 8, 8, 8), seed=4)]
-    for train in (False, True):
-        lo.train(train), lt.train(train)
-        assert rel(lo(parts), lt(parts)) <= GRAD_TOL
-        assert rel(lo(torch.cat(parts, 1)), lt(torch.cat(parts, 1))) <= GRAD_TOL
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["keep-bottleneck", "mem-eff"])
+def test_block_with_a_hooked_layer_matches_torchvision(memory_efficient, drop_rate):
+    """A hook on one layer sends its block to torchvision's loop (the other
+    layers as two fused bn_act_conv each, or as torchvision's checkpointed
+    modules when memory_efficient): a training step of the block gives
+    torchvision's output, gradients, running statistics and dropout masks, and
+    the hook sees torchvision's tensors."""
+    kw = dict(SMALL, drop_rate=drop_rate)
+    ours, tv = _pair("DenseNet", torch.float64, memory_efficient, **kw)
+    for m in tv.modules():  # the oracle checkpoints too (its recompute updates norm1 again)
+        if hasattr(m, "memory_efficient"):
+            m.memory_efficient = memory_efficient
+    block, ref = ours.features.denseblock2.train(), tv.features.denseblock2.train()
+    seen = {}
+    for name, b in (("ours", block), ("tv", ref)):
+        b.denselayer2.register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, (torch.cat(i[0], 1), o.clone())))
+    x = _input((2, block.denselayer1.conv1.in_channels, 6, 6), seed=8)
+    xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = _input((2, block.denselayer1.conv1.in_channels + len(block) * SMALL["growth_rate"], 6, 6),
+               seed=9)
+    torch.manual_seed(5)
+    y = block(xo)
+    torch.manual_seed(5)
+    yt = ref(xt)
+    y.backward(g), yt.backward(g)
+    assert rel(y, yt) <= GRAD_TOL and rel(xo.grad, xt.grad) <= GRAD_TOL
+    for a, b in zip(seen["ours"], seen["tv"]):
+        assert rel(a, b) <= GRAD_TOL
+    tv_params = dict(ref.named_parameters())
+    for name, p in block.named_parameters():
+        assert rel(p.grad, tv_params[name].grad) <= GRAD_TOL, name
+    tv_state = ref.state_dict()
+    for name, t in block.state_dict().items():
+        assert rel(t, tv_state[name]) <= GRAD_TOL if t.is_floating_point() else torch.equal(t, tv_state[name]), name
 
 
 @needs_cpu
@@ -517,7 +546,7 @@ def _design_bound(model, x, bottlenecks: bool) -> int:
     for name, block in model.features.named_children():
         if name.startswith("denseblock"):
             layers = list(block.values())
-            channels = block.num_input_features + len(layers) * block.growth_rate
+            channels = layers[0].conv1.in_channels + len(layers) * layers[0].conv2.out_channels
             bottleneck = layers[0].conv1.out_channels
             total += n * channels * h * w * b
             if bottlenecks:
@@ -575,7 +604,7 @@ def test_block_mechanism_no_cat_and_stats_once(monkeypatch):
     monkeypatch.setattr(_dense_block, "_ops", Counting())
     ours, tv = _pair("DenseNet", torch.float64, False, **SMALL)
     block, ref = ours.features.denseblock2, tv.features.denseblock2
-    x = _input((2, block.num_input_features, 6, 6), seed=8)
+    x = _input((2, block.denselayer1.conv1.in_channels, 6, 6), seed=8)
     xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
     with NoCat():
         y = block.train()(xo)
