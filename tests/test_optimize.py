@@ -509,3 +509,40 @@ def test_builder_is_torchvision_plus_optimize():
     sd, sd_theirs = ours.state_dict(), theirs.state_dict()
     assert list(sd) == list(sd_theirs) and all(torch.equal(sd[k], sd_theirs[k]) for k in sd)
     assert len(explain(ours).fused) == fused_parts_expected(ours)
+
+
+def _bound_modules(model: nn.Module) -> list:
+    return [n for n, m in model.named_modules() if "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize("part", ["", "layer1"])
+def test_jit_script_compiles_the_model_it_was(part, calls):
+    """Script compiles the classes' own forwards (on copies: it rewrites the
+    module tree it walks), and the optimized model stays fused."""
+    ref, opt = pair("resnet18")
+    ref.eval(), opt.eval()
+    bound = _bound_modules(opt)
+    target, ref_target = opt.get_submodule(part), ref.get_submodule(part)
+    scripted = torch.jit.script(target)
+    x = inputs() if not part else ref.maxpool(ref.relu(ref.bn1(ref.conv1(inputs()))))
+    with torch.no_grad():
+        assert rel(scripted(x), ref_target(x)) < 1e-6
+        assert calls["total"]() == 0  # the scripted model runs no fused op
+        assert _bound_modules(opt) == bound
+        assert rel(opt(inputs()), ref(inputs())) < 1e-4
+    assert calls["total"]() == fused_parts_expected(opt)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_export_records_the_modules_graph(mode, calls):
+    """torch.export (and ONNX through it) gets standard aten ops with a dynamic
+    batch: no convkernels op in the graph."""
+    ref, opt = pair("resnet18", torch.float64)
+    ref.train(mode == "train"), opt.train(mode == "train")
+    batch = torch.export.Dim("batch", min=2)
+    ep = torch.export.export(opt, (inputs(torch.float64),), dynamic_shapes={"x": {0: batch}})
+    assert not [n for n in ep.graph.nodes if "convkernels" in str(n.target)]
+    assert calls["total"]() == 0
+    x = inputs(torch.float64, seed=2).repeat(2, 1, 1, 1)  # another batch size
+    want = copy.deepcopy(ref)(x)
+    assert rel(ep.module()(x), want) < 1e-10

@@ -14,8 +14,8 @@ import copy
 
 from torch import nn
 
-from . import densenet, resnet, sequential  # noqa: F401  (register their families)
-from ._bind import bind, bound, unbind
+from . import resnet, sequential  # noqa: F401  (register their families)
+from ._bind import bind, bound, mark_scriptable, unbind
 from ._registry import family_of
 from ._report import Part, Report, explain
 
@@ -35,6 +35,7 @@ def optimize(model: nn.Module, *, inplace: bool = False, report: bool = False):
         family = family_of(m)
         if family is not None and "forward" not in m.__dict__ and family.patterns(m):
             bind(m, family.forward)
+    mark_scriptable(model)
     return (model, explain(model)) if report else model
 
 

@@ -27,8 +27,9 @@ from torch.nn.utils import parametrize
 from ..ops._checks import FLOAT_DTYPES
 
 # FX's symbolic tracing records module calls; torch.export also sets the FX flag
-# but records ops, fused ones included (older torch has only the combined test).
+# (older torch has only the combined test).
 _fx_symbolic_tracing = getattr(_fx, "is_fx_symbolic_tracing", _fx.is_fx_tracing)
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 # Activation modules the ops compute, by exact class (ReLU's inplace flag only
 # changes which tensor holds the result, which no one sees inside a fused part).
@@ -38,7 +39,11 @@ ACTS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Identity: "i
 def context_blocker() -> Optional[str]:
     """Process-wide state: global module hooks fire for every module call, so a
     fused part would skip them; FX and TorchScript tracing record the calls they
-    see, and must see the modules' own."""
+    see, and must see the modules' own. torch.export (and the ONNX exporter,
+    which runs it) gets the modules' own graph too: standard aten ops, which
+    every consumer of an exported program and ONNX understand, with torch's
+    own autograd and dynamic shapes; the fused ops are for eager and
+    torch.compile."""
     m = _module
     if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
             or m._global_backward_pre_hooks):
@@ -47,6 +52,8 @@ def context_blocker() -> Optional[str]:
         return "torch.fx is tracing"
     if torch.jit.is_tracing():
         return "torch.jit is tracing"
+    if _exporting() or torch.onnx.is_in_onnx_export():
+        return "torch.export is tracing"
     return None
 
 
