@@ -8,6 +8,10 @@
 VENV      ?= .venv
 PYTHON    ?= $(VENV)/bin/python
 TORCH     ?= torch==2.14.1 torchvision==0.29.1
+# The tests compare against torchvision and timm, run ONNX files in onnxruntime;
+# the model benchmark also measures OpenVINO.
+TEST_DEPS  = pytest ninja numpy matplotlib setuptools wheel tqdm timm onnx onnxscript onnxruntime
+BENCH_DEPS = openvino
 OUT       ?= benchmarks/results
 export MAX_JOBS ?= 2
 # torch's cpp_extension finds the toolkit through CUDA_HOME.
@@ -18,7 +22,11 @@ export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/c
 $(VENV)/.deps:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade --quiet pip
-	$(VENV)/bin/pip install --quiet $(TORCH) pytest ninja numpy matplotlib setuptools wheel
+	$(VENV)/bin/pip install --quiet $(TORCH) $(TEST_DEPS)
+	touch $@
+
+$(VENV)/.bench-deps: $(VENV)/.deps
+	$(VENV)/bin/pip install --quiet $(BENCH_DEPS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
@@ -31,7 +39,7 @@ test: build
 	$(PYTHON) -m convkernels info
 	$(PYTHON) -m pytest tests -q
 
-bench: build
+bench: build $(VENV)/.bench-deps
 	$(PYTHON) benchmarks/run_all.py --out $(OUT)
 
 # The lent GPU machine has torch but no package registry and no venv, and runs
