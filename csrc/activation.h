@@ -44,7 +44,8 @@ C10_HOST_DEVICE inline T act_forward(T z) {
 template <Act A, typename T>
 C10_HOST_DEVICE inline T act_grad(T z) {
   if constexpr (A == Act::kRelu) {
-    return z > T(0) ? T(1) : T(0);
+    // 1 at NaN: torch's relu passes the gradient where its result is NaN.
+    return z <= T(0) ? T(0) : T(1);
   } else if constexpr (A == Act::kSilu) {
     const T s = T(1) / (T(1) + std::exp(-z));
     return s * (T(1) + z * (T(1) - s));

@@ -36,7 +36,7 @@ def _sigmoid(z):
 def act_fwd(z, ACT: tl.constexpr):
     """act(z), in z's (accumulation) dtype."""
     if ACT == 1:
-        y = tl.where(z > 0, z, 0.0)
+        y = tl.where(z < 0, 0.0, z)  # NaN passes through, as in torch.relu
     elif ACT == 2:
         y = z * _sigmoid(z)
     elif ACT == 3:
@@ -50,7 +50,7 @@ def act_fwd(z, ACT: tl.constexpr):
 def act_grad(z, ACT: tl.constexpr):
     """d act(z) / dz, from the pre-activation z."""
     if ACT == 1:
-        d = tl.where(z > 0, 1.0, 0.0)
+        d = tl.where(z <= 0, 0.0, 1.0)  # 1 at NaN, as torch's relu passes the gradient
     elif ACT == 2:
         s = _sigmoid(z)
         d = s * (1.0 + z * (1.0 - s))
@@ -66,7 +66,7 @@ def act_grad(z, ACT: tl.constexpr):
 def act_bwd(g, z, ACT: tl.constexpr):
     """grad_y * act'(z); relu selects instead of multiplying (no 0 * inf = nan)."""
     if ACT == 1:
-        gz = tl.where(z > 0, g, 0.0)
+        gz = tl.where(z <= 0, 0.0, g)
     elif ACT == 0:
         gz = g
     else:

@@ -54,6 +54,15 @@ def _bn_z(x, scale, shift, res_ptr, offs, mask, HAS_RES: tl.constexpr):
 
 
 @triton.jit
+def _merge_mean(mean, t_mean, w):
+    """Chan's ``mean + (t_mean - mean) * w``, but ``mean + t_mean`` where either
+    is inf or NaN: then the mean is that of a sum, as torch's batch mean (inf
+    for a channel holding inf, where Chan's would give inf - inf = NaN)."""
+    finite = (tl.abs(mean) < float("inf")) & (tl.abs(t_mean) < float("inf"))
+    return tl.where(finite, mean + (t_mean - mean) * w, mean + t_mean)
+
+
+@triton.jit
 def _channel_stats_partial_kernel(
     x_ptr, part_ptr, C, HW, sN, sC, sHW, hw_blocks, total_tiles, tiles_per_split,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -90,7 +99,7 @@ def _channel_stats_partial_kernel(
         new_cnt = cnt + nt
         w = nt / new_cnt
         delta = t_mean - mean
-        mean += delta * w
+        mean = _merge_mean(mean, t_mean, w)
         m2 += t_m2 + delta * delta * (cnt * w)
         cnt = new_cnt
     out = part_ptr + pid_s * C + c
@@ -118,7 +127,7 @@ def _channel_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, C, splits,
         new_cnt = cnt + p_cnt
         w = tl.where(new_cnt > 0, p_cnt / tl.where(new_cnt > 0, new_cnt, 1.0), 0.0)
         delta = p_mean - mean
-        mean += delta * w
+        mean = _merge_mean(mean, p_mean, w)
         m2 += p_m2 + delta * delta * (cnt * w)
         cnt = new_cnt
     shift = tl.load(part_ptr + 3 * splits * C + c, mask=c_mask, other=0.0)
@@ -195,7 +204,7 @@ def _bn_act_backward_apply_kernel(
         k1 = tl.load(k1_ptr + c, mask=c_mask, other=0.0)[:, None]
         k2 = tl.load(k2_ptr + c, mask=c_mask, other=0.0)[:, None]
         k3 = tl.load(k3_ptr + c, mask=c_mask, other=0.0)[:, None]
-        gx = k1 * gz + k2 * x + k3
+        gx = k1 * gz + tl.where(k2 == 0, 0.0, k2 * x) + k3  # eval (k2 = 0): no 0 * inf
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
     if NEED_GR:
         tl.store(gr_ptr + offs, gz.to(gr_ptr.dtype.element_ty), mask=mask)

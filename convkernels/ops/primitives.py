@@ -39,7 +39,9 @@ bn_act_backward_reduce(grad_y, x, scale, shift, residual, act, center) -> (sum_g
 bn_act_backward_apply(grad_y, x, scale, shift, residual, act, k1, k2, k3,
                       need_grad_x, need_grad_residual) -> (grad_x, grad_residual)
     ``grad_x = k1[c] * gz + k2[c] * x + k3[c]`` and ``grad_residual = gz``, in
-    x's dtype, in one pass; an output not asked for is returned as None.
+    x's dtype, in one pass; an output not asked for is returned as None. Where
+    ``k2[c]`` is 0 (eval) the x term is left out: x may be infinite there, and
+    torch's gradient is finite.
 
 bn_act_apply_(x, scale, shift, residual, act) -> None   (compiled CPU kernels only)
     bn_act_apply written over ``x`` (which may be a channel slice): the

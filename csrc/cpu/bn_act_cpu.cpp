@@ -72,7 +72,7 @@ std::tuple<Tensor, Tensor> channel_stats_cpu(const Tensor& x) {
       const double m1 = s[c] / count;
       const double v = s[L.C + c] / count - m1 * m1;
       mp[c] = static_cast<M>(shift[c] + m1);
-      vp[c] = static_cast<M>(v > 0 ? v : 0.0);
+      vp[c] = static_cast<M>(v < 0 ? 0.0 : v);  // rounding can go below 0; NaN stays NaN
     }
   });
   return {mean, var};
@@ -155,7 +155,7 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce_cpu(const Tensor& grad_y, cons
   return {sum_gz, sum_gz_xc};
 }
 
-// grad_x = k1[c] * gz + k2[c] * x + k3[c]; grad_residual = gz.
+// grad_x = k1[c] * gz + k2[c] * x + k3[c] (no x term where k2[c] is 0); grad_residual = gz.
 std::tuple<Tensor, Tensor> bn_act_backward_apply_cpu(
     const Tensor& grad_y, const Tensor& x, const Tensor& scale, const Tensor& shift,
     const std::optional<Tensor>& residual, c10::string_view act, const Tensor& k1,
@@ -191,7 +191,9 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply_cpu(
           V gz = io::load(gp + off.d, n);
           if constexpr (kA != Act::kIdentity)
             gz = vact_grad_mul<kA>(bn_z<kR, io>(xv, rp, off.d, n, P), gz);
-          io::store(gxp + off.d, at::vec::fmadd(P[2], gz, at::vec::fmadd(P[3], xv, P[4])), n);
+          // No x term where k2 is 0 (eval): 0 * inf would be NaN.
+          const V x_term = V::blendv(at::vec::fmadd(P[3], xv, P[4]), P[4], P[3] == V(0));
+          io::store(gxp + off.d, at::vec::fmadd(P[2], gz, x_term), n);
           if (grp) io::store(grp + off.d, gz, n);
         }, want_stream(L, sizeof(scalar_t)));
       } else {  // x is read only when the activation needs z

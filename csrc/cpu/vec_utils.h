@@ -222,7 +222,7 @@ inline V vact_forward(const V& z) {
 template <Act A, typename V>
 inline V vact_grad_mul(const V& z, const V& g) {
   if constexpr (A == Act::kRelu) {
-    return g & (z > V(0));  // all-ones mask where z > 0
+    return V::blendv(g, V(0), z <= V(0));  // g at NaN, as torch's relu
   } else if constexpr (A == Act::kSilu) {
     const V one(1);
     const V s = vsigmoid(z);
