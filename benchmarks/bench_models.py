@@ -80,7 +80,7 @@ FLAG_ERR = {"out": 1e-3, "grad": 5e-2}
 
 
 # ------------------------------------------------------------------ worker side
-def _build_torch(name: str, variant: str, device: torch.device):
+def _build_torch(name: str, variant: str, device: torch.device, train: bool):
     """The variant's model and a line on how it was built."""
     import torchvision
 
@@ -107,6 +107,7 @@ def _build_torch(name: str, variant: str, device: torch.device):
         "cl" if variant.endswith("-cl") else "nchw"))
     if variant.endswith("-compile"):
         model = torch.compile(model)
+        how += ", torch.compile" + ("" if train else " with inductor freezing")
     return model, how
 
 
@@ -163,8 +164,8 @@ def _worker(spec: dict) -> None:
         reply_stream.write(json.dumps(kw) + "\n")
         reply_stream.flush()
 
-    device = torch.device(spec["device"])
-    torch.set_num_threads(spec["threads"])
+    # The parent's thread count, and its inductor settings for the compile variant.
+    device, _ = timing.setup(argparse.Namespace(device=spec["device"], threads=spec["threads"]))
     variant, train = spec["variant"], spec["train"]
     if variant in RUNTIMES:
         importlib.import_module(RUNTIMES[variant])
@@ -189,7 +190,7 @@ def _worker(spec: dict) -> None:
         step = _runtime_step(variant, spec["onnx"], x, spec["threads"])
         grad = None
     else:
-        model, how = _build_torch(spec["model"], variant, device)
+        model, how = _build_torch(spec["model"], variant, device, train)
         if variant.endswith("-cl"):
             x = x.contiguous(memory_format=torch.channels_last)
         step, grad = _torch_step(model, x, train, device)
@@ -326,20 +327,23 @@ def main(argv=None) -> list:
             raise SystemExit(f"--models: torchvision.models has no builder {m!r}")
     modes = _parse_modes(args.modes or grid["modes"])
     variants, skipped = _variants(args, device)
-    rounds = max(1, args.rounds)
+    args.rounds = max(1, args.rounds)
     # Seconds of timed calls per variant and round; one worker each, so more than the op benches.
     args.min_run_time = args.min_run_time or (1.0 if args.full else 0.5)
     dev_name = timing.device_name(device, threads)
     results = timing.ResultsCSV(args.out, dev_name, BENCH, fresh=args.fresh)
-    for v, why in skipped.items():
-        print(f"[{BENCH}] skipping {v}: {why}", file=sys.stderr)
     cases = [(m, mode, n) for m in models for mode, n in modes]
     per_case = [len(variants) if mode == "eval" else len([v for v in variants if v not in RUNTIMES])
                 for _, mode, _ in cases]
-    progress = timing.Progress(BENCH, sum(per_case) * rounds)
+    progress = timing.Progress(BENCH, sum(per_case) * args.rounds, unit="timed rounds")
     print(f"[{BENCH}] {len(cases)} cases on {dev_name}: models {models}, modes "
           f"{[f'{m}{n}' for m, n in modes]}, variants {variants}, fp32, {args.size}x{args.size}, "
-          f"{rounds} round(s) of {args.min_run_time:g}s per variant -> {results.path}", file=sys.stderr)
+          f"{args.rounds} round(s) of {args.min_run_time:g}s per variant -> {results.path}", file=sys.stderr)
+    for v, why in skipped.items():
+        print(f"[{BENCH}] skipping {v}: {why}", file=sys.stderr)
+    if any(mode == "train" for mode, _ in modes) and set(variants) & set(RUNTIMES):
+        print(f"[{BENCH}] {', '.join(v for v in variants if v in RUNTIMES)}: eval cases only "
+              "(inference runtimes)", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_models-") as tmp:
         for name, mode, batch in cases:
@@ -360,53 +364,58 @@ def _run_case(args, device, threads, dev_name, results, progress, tmp, name, mod
     train = mode == "train"
     variants = [v for v in variants if not (train and v in RUNTIMES)]
     notes = {v: [] for v in variants}
+
+    def skip(v, why, rounds_left=args.rounds):  # a printed reason, not a stop
+        if v == BASELINE:
+            raise RuntimeError(f"{case} {v}: {why}")
+        skipped[f"{v} on {case}"] = why.strip().splitlines()[-1]
+        print(f"[{BENCH}] skipping {v} on {case}: {why}", file=sys.stderr)
+        progress.total -= rounds_left
+
     onnx = os.path.join(tmp, f"{name}-{batch}.onnx")
     if any(v in RUNTIMES for v in variants):
         t0 = time.perf_counter()
         try:
             exporter = export_onnx(name, batch, args.size, onnx)
-            for v in RUNTIMES:
-                if v in notes:
-                    notes[v].append(f"onnx export {exporter}, {time.perf_counter() - t0:.1f}s")
         except RuntimeError as e:
             for v in RUNTIMES:
                 if v in variants:
-                    skipped[f"{v} on {case}"] = f"ONNX export failed ({e})"
-                    print(f"[{BENCH}] skipping {v} on {case}: ONNX export failed ({e})",
-                          file=sys.stderr)
-                    progress.total -= max(1, args.rounds)
+                    skip(v, f"ONNX export failed ({e})")
             variants = [v for v in variants if v not in RUNTIMES]
+        else:
+            for v in RUNTIMES:
+                if v in notes:
+                    notes[v].append(f"onnx export {exporter}, {time.perf_counter() - t0:.1f}s")
         gc.collect()
     workers, first = {}, {}
-    for v in variants:
-        spec = dict(model=name, variant=v, train=train, batch=batch, size=args.size,
-                    device=str(device), threads=threads, onnx=onnx,
-                    record=os.path.join(tmp, f"{v}.pt"),
-                    min_run_time=args.min_run_time,
-                    min_samples=3 if train else 5)
-        progress.start(f"{case} {v}: first call")
-        w = Worker(spec, os.path.join(tmp, f"{v}.log"))
-        try:
-            msg = w.read()
-        except RuntimeError as e:
-            w.close()
-            if v == BASELINE:
-                raise RuntimeError(f"{case} {v}: {e}") from None
-            skipped[f"{v} on {case}"] = str(e).splitlines()[-1]
-            print(f"[{BENCH}] skipping {v} on {case}: {e}", file=sys.stderr)
-            progress.total -= max(1, args.rounds)
-            continue
-        workers[v], first[v] = w, msg["first_s"]
-        if msg["how"]:
-            notes[v].append(msg["how"])
-    # The variants take turns, round after round.
-    times = {v: [] for v in workers}
-    peaks = {v: [] for v in workers}
+    times = {v: [] for v in variants}
+    peaks = {v: [] for v in variants}
     try:
-        for rnd in range(max(1, args.rounds)):
-            for v, w in workers.items():
+        for v in variants:
+            spec = dict(model=name, variant=v, train=train, batch=batch, size=args.size,
+                        device=str(device), threads=threads, onnx=onnx,
+                        record=os.path.join(tmp, f"{v}.pt"), min_run_time=args.min_run_time,
+                        min_samples=3 if train else 5)
+            progress.start(f"{case} {v}: first call")
+            workers[v] = Worker(spec, os.path.join(tmp, f"{v}.log"))
+            try:
+                msg = workers[v].read()
+            except RuntimeError as e:
+                workers.pop(v).close()
+                skip(v, str(e))
+                continue
+            first[v] = msg["first_s"]
+            notes[v] += [msg["how"]] if msg["how"] else []
+        # The variants take turns, round after round.
+        for rnd in range(args.rounds):
+            for v, w in list(workers.items()):
                 progress.start(f"{case} {v} round {rnd + 1}")
-                st = w.measure()
+                try:
+                    st = w.measure()
+                except RuntimeError as e:
+                    workers.pop(v).close()
+                    skip(v, f"round {rnd + 1}: {e}", args.rounds - rnd)
+                    continue
                 times[v] += st["times_s"]
                 if st["peak_mem_mb"] is not None:
                     peaks[v].append(st["peak_mem_mb"])
@@ -444,7 +453,7 @@ def _run_case(args, device, threads, dev_name, results, progress, tmp, name, mod
             results.add(r)
             rows.append(r)
         summary.append(f"{v} {stats['median_ms']:.1f} ms x{row['speedup_vs_eager']:.2f}"
-                       f" (first {first[v]:.1f}s)")
+                       f" (first {first[v]:.2g}s)")
     print(f"[{BENCH}] {case}: " + ", ".join(summary), file=sys.stderr)
     return rows
 
@@ -484,49 +493,52 @@ def plot(csv_path: str, png_path: str) -> str:
                  f"{sp:.2f}x ({_ms(float(r['median_ms']))})"))
     if not panels:
         raise SystemExit(f"no {BENCH} rows to plot in {csv_path}")
-    # The first-call panel last.
+    # The first-call panel last; within a panel each label's bars in VARIANTS order.
     order = sorted(panels, key=lambda t: t.startswith("first call"))
-    sizes = [len({e[0] for e in panels[t]}) * len({e[1] for e in panels[t]}) for t in order]
-    fig, axes = plt.subplots(len(order), 1, figsize=(11, sum(1.2 + 0.17 * s for s in sizes)),
-                             gridspec_kw={"height_ratios": [1.2 + 0.17 * s for s in sizes]},
-                             squeeze=False)
+    for t in order:
+        panels[t].sort(key=lambda e: VARIANTS.index(e[1]))
+    heights = [0.9 + 0.15 * len(panels[t]) + 0.09 * len({e[0] for e in panels[t]}) for t in order]
+    fig, axes = plt.subplots(len(order), 1, figsize=(11, sum(heights) + 0.3),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax, title in zip(axes[:, 0], order):
         entries = panels[title]
-        labels = list(dict.fromkeys(e[0] for e in entries))
-        variants = [v for v in VARIANTS if any(e[1] == v for e in entries)]
-        h = 0.8 / len(variants)
         first_call = title.startswith("first call")
-        for i, v in enumerate(variants):
-            es = [e for e in entries if e[1] == v]
-            ys = [labels.index(e[0]) + (i - (len(variants) - 1) / 2) * h for e in es]
-            vals = [e[2] for e in es]
-            if first_call:
-                ax.barh(ys, vals, height=h, color=colors[v], label=v)
-            else:  # bars grow from 1x: left for slowdowns, right for speedups
-                ax.barh(ys, [x - 1 for x in vals], left=1, height=h, color=colors[v], label=v)
-                ax.errorbar(vals, ys, xerr=[[max(0, x - e[3]) for x, e in zip(vals, es)],
-                                            [max(0, e[4] - x) for x, e in zip(vals, es)]],
-                            fmt="none", ecolor="k", elinewidth=0.6, capsize=1.5)
-            for y, e in zip(ys, es):  # right of the whisker
-                ax.text(e[4], y, f" {e[5]}", va="center", fontsize=6)
-        if not first_call:
-            ax.axvline(1.0, color="k", lw=0.8, ls="--")
-            lo = min(e[3] for e in entries)
-            hi = max(e[4] for e in entries)
-            ax.set_xlim(min(lo, 1) / 1.15, max(hi, 1) * 2.2)  # room for the labels
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        else:
+        y, ticks, labels, seen = 0.0, [], [], set()
+        for lab in dict.fromkeys(e[0] for e in entries):
+            group = [e for e in entries if e[0] == lab]
+            ticks.append(y + (len(group) - 1) / 2)
+            labels.append(lab)
+            for _, v, val, lo, hi, text in group:
+                legend = v if v not in seen else None
+                seen.add(v)
+                if first_call:
+                    ax.barh(y, val, height=0.85, color=colors[v], label=legend)
+                else:  # bars grow from 1x: left for slowdowns, right for speedups
+                    ax.barh(y, val - 1, left=1, height=0.85, color=colors[v], label=legend)
+                    ax.errorbar(val, y, xerr=[[max(0, val - lo)], [max(0, hi - val)]], fmt="none",
+                                ecolor="k", elinewidth=0.6, capsize=1.5)
+                # Right of the whisker (and of a slowdown's bar).
+                ax.text(hi if first_call else max(hi, 1), y, f" {text}", va="center", fontsize=6)
+                y += 1
+            y += 0.6  # gap between labels
+        if first_call:
             ax.set_xscale("log")
             ax.set_xlim(min(e[2] for e in entries) / 1.5, max(e[2] for e in entries) * 4)
-        ax.set_yticks(range(len(labels)))
+        else:
+            ax.axvline(1.0, color="k", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_xlim(min(min(e[3] for e in entries), 1) / 1.15,
+                        max(max(e[4] for e in entries), 1) * 2.2)  # room for the labels
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.set_yticks(ticks)
         ax.set_yticklabels(labels, fontsize=8)
-        ax.invert_yaxis()
+        ax.set_ylim(y - 0.6 + 0.2, -0.8)  # top to bottom
         ax.set_title(title, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        handles = sorted(zip(*ax.get_legend_handles_labels()), key=lambda h: VARIANTS.index(h[1]))
+        ax.legend(*zip(*handles), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{os.path.basename(csv_path)[:-4]}: whole models, fp32", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (sum(heights) + 0.3)))  # below the suptitle
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path

@@ -1,13 +1,15 @@
-"""Runs the DenseNet benchmark and every op benchmark, then plots the speedups.
+"""Runs the DenseNet and whole-model benchmarks and every op benchmark, then plots the speedups.
 
-    PYTHONPATH=. python benchmarks/run_all.py            # densenet121 train/eval; ops quick: headline + 3 model shapes; conv: 7 convs, eval
+    PYTHONPATH=. python benchmarks/run_all.py            # densenet121 train/eval; models: resnet50, densenet121 eval1; ops quick: headline + 3 model shapes; conv: 7 convs, eval
     PYTHONPATH=. python benchmarks/run_all.py --full     # every ResNet-50 / DenseNet-121 BN and conv shape
     PYTHONPATH=. python benchmarks/run_all.py --benches conv_bn_act   # one bench (+ its plot)
     PYTHONPATH=. python benchmarks/run_all.py --plot-only
 
 Every option of the bench scripts is passed on to them (see ``--help`` of
 bench_bn_act.py); ``--benches`` picks a subset. ``densenet`` (the end-to-end
-model bench, first) draws its own ``<out>/<device>-densenet.png``. The op plot goes to
+model bench, first) draws its own ``<out>/<device>-densenet.png``, ``models`` (whole
+torchvision models against torch.compile, ONNX Runtime, OpenVINO)
+``<out>/<device>-models.png``. The op plot goes to
 ``<out>/<device>.png``: per bench, bars of speedup vs eager per case and variant,
 whiskers from the variant's p20/p80 (eager median / variant p80 .. / p20).
 With more than ``--plot-max-cases`` cases a bench is summarised per
@@ -28,7 +30,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing  # noqa: E402
 
-BENCHES = OrderedDict([("densenet", "bench_densenet"), ("bn_act", "bench_bn_act"),
+BENCHES = OrderedDict([("densenet", "bench_densenet"), ("models", "bench_models"),
+                       ("bn_act", "bench_bn_act"),
                        ("add_act", "bench_add_act"),
                        ("conv_bn_act", "bench_conv_bn_act")])
 
@@ -150,7 +153,11 @@ def main(argv=None) -> None:
 
         pngs.append(bench_densenet.plot(csv_path,
                                         os.path.join(common.out, f"{dev_name}-densenet.png")))
-    op_benches = [b for b in benches if b != "densenet"]
+    if "models" in benches:
+        import bench_models
+
+        pngs.append(bench_models.plot(csv_path, os.path.join(common.out, f"{dev_name}-models.png")))
+    op_benches = [b for b in benches if b not in ("densenet", "models")]
     if op_benches:
         pngs.append(plot(csv_path, os.path.join(common.out, f"{dev_name}.png"), own.plot_max_cases,
                          op_benches))

@@ -309,15 +309,15 @@ class Progress:
     """``[bench] done/total cases, elapsed`` on stderr; one line per case
     (overwritten in place on a terminal)."""
 
-    def __init__(self, bench: str, total: int, stream=sys.stderr):
-        self.bench, self.total, self.done = bench, total, 0
+    def __init__(self, bench: str, total: int, stream=sys.stderr, unit: str = "cases"):
+        self.bench, self.total, self.done, self.unit = bench, total, 0, unit
         self.t0 = time.perf_counter()
         self.stream = stream
         self.tty = hasattr(stream, "isatty") and stream.isatty()
 
     def _line(self, msg: str) -> str:
         el = time.perf_counter() - self.t0
-        return f"[{self.bench}] {self.done}/{self.total} cases, {el:6.1f}s elapsed  {msg}"
+        return f"[{self.bench}] {self.done}/{self.total} {self.unit}, {el:6.1f}s elapsed  {msg}"
 
     def start(self, msg: str) -> None:
         if self.tty:
