@@ -14,7 +14,7 @@ import copy
 
 from torch import nn
 
-from . import densenet, resnet, sequential  # noqa: F401  (register their families)
+from . import densenet, inception, mobile, resnet, sequential, timm  # noqa: F401  (register their families)
 from ._bind import bind, bound, mark_scriptable, unbind
 from ._registry import family_of
 from ._report import Part, Report, explain
