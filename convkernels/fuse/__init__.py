@@ -22,11 +22,14 @@ from ._report import Part, Report, explain
 __all__ = ["Part", "Report", "explain", "optimize", "unoptimize"]
 
 
-def optimize(model: nn.Module, *, inplace: bool = False, report: bool = False):
+def optimize(model: nn.Module, *, inplace: bool = False, report: bool = False,
+             stochastic_depth_prob: float = 0.0):
     """Bind fused forwards on ``model``'s modules (on a deep copy unless
     ``inplace``). Returns the model, or ``(model, explain(model))`` with
     ``report=True``. A module whose forward is already overridden on the
-    instance is left alone: its computation is not its class's."""
+    instance is left alone: its computation is not its class's.
+    ``stochastic_depth_prob``: the ResNet blocks' stochastic depth (see
+    ``fuse.resnet``; 0 keeps torchvision's blocks exactly)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -35,6 +38,7 @@ def optimize(model: nn.Module, *, inplace: bool = False, report: bool = False):
         family = family_of(m)
         if family is not None and "forward" not in m.__dict__ and family.patterns(m):
             bind(m, family.forward)
+    resnet.set_stochastic_depth(model, stochastic_depth_prob)
     mark_scriptable(model)
     return (model, explain(model)) if report else model
 

@@ -10,43 +10,107 @@ or inside it affects only it. The stem (conv1, bn1, relu) lives directly on the
 ``ResNet``, so fusing it means binding the top-level forward; everything else
 there is called as torchvision calls it.
 
+Stochastic depth (Huang et al. 2016; ``optimize(model, stochastic_depth_prob=p)``):
+block l of L (every BasicBlock and Bottleneck in module order, l = 1..L) keeps
+``p * l / L`` in its ``__dict__`` (a float: it pickles and deep-copies with the
+block and is no state-dict key). In training each sample's residual branch is
+dropped with that probability and the survivors scaled by 1/(1 - p_l); eval is
+the identity. The mask is drawn (torch's default generator, ``bernoulli_`` as
+torchvision's ``StochasticDepth``) at the start of the block's forward, before
+anything else there, so fused and unfused paths draw the same masks; the fused
+join is then the branch's ``conv_bn_act`` (act identity) and ``add_act`` with
+the mask as its per-sample scale, the unfused one multiplies bn's output by it
+before the add. It is this family's forward: ``unoptimize`` (or a block this
+family does not bind) runs torchvision's block, without it.
+
 Nothing here imports torchvision: the classes are registered by path.
 """
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
-from ._guard import part_blocker
+from .. import ops
+from ._bind import bound
+from ._guard import ACTS, input_blocker, part_blocker
 from ._parts import conv_bn_act
-from ._registry import Family, Pattern, register
+from ._registry import Family, Pattern, family_of, register
+
+# The block attribute holding p_l (absent: 0).
+SD_ATTR = "stochastic_depth_prob"
 
 
 def _shortcut(block: nn.Module, x: Tensor) -> Tensor:
     return x if block.downsample is None else block.downsample(x)
 
 
-def _join(block: nn.Module, x: Tensor, out: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
-    """``relu(bn(conv(out)) + shortcut(x))``. The fused op needs the shortcut
-    first, torchvision computes it after ``bn``; that order is unobservable
-    unless conv, bn or relu have hooks (or global hooks exist), and then
-    torchvision's order is kept so that hooks fire in the same order."""
+def drop_scale(block: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """The block's per-sample branch scale for this call: 0 (dropped) or
+    1/(1 - p_l) (kept), drawn as torchvision's ``StochasticDepth`` draws it;
+    None in eval or without stochastic depth."""
+    p = block.__dict__.get(SD_ATTR, 0.0)
+    if not block.training or p == 0.0:
+        return None
+    survival = 1.0 - p
+    scale = torch.empty(x.size(0), dtype=x.dtype, device=x.device).bernoulli_(survival)
+    return scale.div_(survival) if survival > 0.0 else scale
+
+
+def _join(block: nn.Module, x: Tensor, out: Tensor, conv: nn.Module, bn: nn.Module,
+          scale: Optional[Tensor]) -> Tensor:
+    """``relu(scale * bn(conv(out)) + shortcut(x))``. The fused op needs the
+    shortcut first, torchvision computes it after ``bn``; that order is
+    unobservable unless conv, bn or relu have hooks (or global hooks exist),
+    and then torchvision's order is kept so that hooks fire in the same order.
+    With a scale (stochastic depth) the epilogue cannot scale the branch: the
+    branch is one op, the join ``add_act`` another."""
     if part_blocker(conv, bn, block.relu) is None:
-        return conv_bn_act(out, conv, bn, block.relu, _shortcut(block, x))
-    out = bn(conv(out))
-    out += _shortcut(block, x)
+        if scale is None:
+            return conv_bn_act(out, conv, bn, block.relu, _shortcut(block, x))
+        out = conv_bn_act(out, conv, bn, None)
+        shortcut = _shortcut(block, x)
+        if input_blocker(out, None, shortcut) is None:
+            return ops.add_act(out, shortcut, ACTS[type(block.relu)], scale)
+    else:
+        out = bn(conv(out))
+        shortcut = _shortcut(block, x)
+    if scale is not None:
+        out = out * scale.view(-1, 1, 1, 1).to(out.dtype)
+    out += shortcut
     return block.relu(out)
 
 
 def basic_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    scale = drop_scale(block, x)
     out = conv_bn_act(x, block.conv1, block.bn1, block.relu)
-    return _join(block, x, out, block.conv2, block.bn2)
+    return _join(block, x, out, block.conv2, block.bn2, scale)
 
 
 def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
+    scale = drop_scale(block, x)
     out = conv_bn_act(x, block.conv1, block.bn1, block.relu)
     out = conv_bn_act(out, block.conv2, block.bn2, block.relu)
-    return _join(block, x, out, block.conv3, block.bn3)
+    return _join(block, x, out, block.conv3, block.bn3, scale)
+
+
+def set_stochastic_depth(model: nn.Module, p: float) -> None:
+    """Block l of the model's L resnet blocks gets p_l = p * l / L (p = 0
+    removes it). A block this family's forward does not run is warned about:
+    it would silently keep its whole branch."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"stochastic_depth_prob must be in [0, 1], got {p}")
+    blocks = [m for m in model.modules() if family_of(m) in _BLOCK_FAMILIES]
+    for l, block in enumerate(blocks, 1):
+        if p == 0.0:
+            block.__dict__.pop(SD_ATTR, None)
+            continue
+        block.__dict__[SD_ATTR] = p * l / len(blocks)
+        if bound(block) is None or bound(block).fn not in (basic_block_forward, bottleneck_forward):
+            warnings.warn(f"stochastic depth: a {type(block).__name__} whose forward is not the "
+                          "fused one ignores it", stacklevel=3)
 
 
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
@@ -81,6 +145,8 @@ def _stem_patterns(model: nn.Module) -> list:
 
 
 _TV = "torchvision.models.resnet."
-register(_TV + "BasicBlock", Family("resnet.BasicBlock", basic_block_forward, _basic_patterns))
-register(_TV + "Bottleneck", Family("resnet.Bottleneck", bottleneck_forward, _bottleneck_patterns))
+_BLOCK_FAMILIES = (Family("resnet.BasicBlock", basic_block_forward, _basic_patterns),
+                   Family("resnet.Bottleneck", bottleneck_forward, _bottleneck_patterns))
+register(_TV + "BasicBlock", _BLOCK_FAMILIES[0])
+register(_TV + "Bottleneck", _BLOCK_FAMILIES[1])
 register(_TV + "ResNet", Family("resnet.stem", resnet_forward, _stem_patterns))
