@@ -13,3 +13,15 @@ from .vgg import (alexnet, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn,  #
 
 __all__ += ["googlenet", "inception_v3", "alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn",
             "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+
+from . import efficientnet, regnet  # noqa: E402
+from .efficientnet import (efficientnet_b0, efficientnet_b1, efficientnet_b2,  # noqa: E402
+                           efficientnet_b3, efficientnet_b4, efficientnet_b5, efficientnet_b6,
+                           efficientnet_b7, efficientnet_v2_l, efficientnet_v2_m,
+                           efficientnet_v2_s)
+from .regnet import (regnet_x_1_6gf, regnet_x_3_2gf, regnet_x_8gf, regnet_x_16gf,  # noqa: E402
+                     regnet_x_32gf, regnet_x_400mf, regnet_x_800mf, regnet_y_1_6gf,
+                     regnet_y_3_2gf, regnet_y_8gf, regnet_y_16gf, regnet_y_32gf, regnet_y_128gf,
+                     regnet_y_400mf, regnet_y_800mf)
+
+__all__ += efficientnet.__all__ + regnet.__all__

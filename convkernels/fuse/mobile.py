@@ -1,0 +1,172 @@
+"""torchvision's mobile-style blocks: ``Conv2dNormActivation`` (and RegNet's
+``SimpleStemIN``), EfficientNet's ``MBConv`` / ``FusedMBConv`` and RegNet's
+``ResBottleneckBlock``.
+
+* ``Conv2dNormActivation`` is an ``nn.Sequential`` subclass whose forward is
+  Sequential's, so the Sequential family's forward is its forward: conv -> BN
+  -> act as one ``conv_bn_act`` where act is one the ops compute (ReLU, SiLU,
+  Sigmoid, Identity); any other act (Hardswish, ...) runs as itself after a
+  fused conv -> BN.
+* ``SqueezeExcitation`` gets no family: its 1x1 convs on a 1x1 map have no BN
+  to fuse, so it is called as itself inside the blocks, hooks and all.
+* ``MBConv`` / ``FusedMBConv`` with a residual: the blocks before the project
+  conv are called as modules (they fuse themselves), then the project's conv
+  -> BN and the join. In eval (or with a drop probability of 0) the shortcut is
+  the project's ``conv_bn_act`` residual; in training the project runs as
+  ``conv_bn_act`` and StochasticDepth's mask and the add are one ``add_act``
+  with the mask as its per-sample scale, the mask drawn exactly as
+  torchvision's ``stochastic_depth`` draws it (same shape, dtype, device, and
+  at the same point: after the branch), so a seed gives torchvision's mask.
+* ``ResBottleneckBlock``: ``proj(x)`` (a fused module) or ``x`` is the residual
+  of ``f.c``'s ``conv_bn_act``, with the block's activation as its act.
+
+A block runs its own ``block``/``f`` Sequential's children here, not through
+the Sequential, so when that Sequential, its last child or StochasticDepth is
+observable (hooks, a forward set on the instance, another class), or the
+input is not one the ops take, the block runs torchvision's forward, whose
+children still fuse themselves. Nothing here imports torchvision.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ._guard import input_blocker, part_blocker
+from ._parts import conv_bn_act
+from ._registry import Family, Pattern, register
+from .densenet import _observed  # belongs in _guard (hooks; a forward set, other than a fused one)
+from .sequential import _patterns as sequential_patterns
+from .sequential import sequential_forward
+
+_MISC = "torchvision.ops.misc."
+_SD = "torchvision.ops.stochastic_depth.StochasticDepth"
+_EFF = "torchvision.models.efficientnet."
+_REGNET = "torchvision.models.regnet."
+
+
+def _is(m: nn.Module, path: str) -> bool:
+    """``m``'s class is exactly the class at ``path`` (a subclass, or a
+    parametrized module's swapped class, may compute something else)."""
+    cls = type(m)
+    return (f"{cls.__module__}.{cls.__qualname__}" == path
+            and getattr(sys.modules.get(cls.__module__), cls.__qualname__, None) is cls)
+
+
+def _conv_bn(m: nn.Module) -> Optional[list]:
+    """``[conv, bn]`` of a ``Conv2dNormActivation`` without an activation (its
+    forward, Sequential's, is then conv then bn)."""
+    if not _is(m, _MISC + "Conv2dNormActivation"):
+        return None
+    mods = list(m._modules.values())
+    if len(mods) != 2 or type(mods[0]) is not nn.Conv2d or type(mods[1]) is not nn.BatchNorm2d:
+        return None
+    return mods
+
+
+def _join_pattern(seq: nn.Module, prefix: str, act) -> list:
+    """The join part, for the report: ``seq``'s last child's conv -> BN with the
+    shortcut as residual."""
+    if not len(seq._modules):
+        return []
+    name, last = list(seq._modules.items())[-1]
+    conv_bn = _conv_bn(last)
+    if conv_bn is None:
+        return []  # e.g. FusedMBConv without expansion: its one layer has an act
+    return [Pattern((f"{prefix}.{name}.0", conv_bn[0]), (f"{prefix}.{name}.1", conv_bn[1]), act,
+                    residual=True)]
+
+
+def _split(seq: nn.Module, x) -> Optional[tuple]:
+    """``(head, conv, bn)``: the children of ``seq`` before its last and the last
+    one's conv and BN, when ``seq`` may be run child by child here."""
+    if _observed(seq) or not len(seq._modules) or input_blocker(x, None) is not None:
+        return None
+    *head, last = seq._modules.values()
+    conv_bn = _conv_bn(last)
+    return None if conv_bn is None or _observed(last) else (head, *conv_bn)
+
+
+def _run(mods: list, x: Tensor) -> Tensor:
+    for m in mods:
+        x = m(x)
+    return x
+
+
+# ---------------------------------------------------------------- EfficientNet
+def _sd_blocker(sd: nn.Module) -> Optional[str]:
+    """StochasticDepth as the fused join computes it: row mode, a valid p
+    (torchvision raises otherwise, and so must its forward here)."""
+    if not _is(sd, _SD) or _observed(sd):
+        return "stochastic_depth is observed or replaced"
+    if sd.mode != "row" or not 0.0 <= sd.p <= 1.0:
+        return f"stochastic_depth mode={sd.mode!r} p={sd.p}"
+    return None
+
+
+def _drop_add(y: Tensor, residual: Tensor, p: float) -> Tensor:
+    """``stochastic_depth(y, p, "row") + residual`` in training: the mask drawn
+    as torchvision draws it, then one ``add_act`` with it as the scale."""
+    survival_rate = 1.0 - p
+    noise = torch.empty([y.shape[0]] + [1] * (y.ndim - 1), dtype=y.dtype, device=y.device)
+    noise = noise.bernoulli_(survival_rate)
+    if survival_rate > 0.0:
+        noise.div_(survival_rate)
+    if input_blocker(y, None, residual) is None and residual.dtype == y.dtype:
+        return ops.add_act(y, residual, "identity", noise.view(-1))
+    y = y * noise
+    y += residual
+    return y
+
+
+def mbconv_forward(block: nn.Module, input: Tensor) -> Tensor:
+    """MBConv's and FusedMBConv's forward (the same in torchvision)."""
+    sd = block.stochastic_depth
+    split = None
+    if block.use_res_connect and type(block.block) is nn.Sequential and _sd_blocker(sd) is None:
+        split = _split(block.block, input)
+    if split is None or part_blocker(split[1], split[2], None) is not None:
+        return type(block).forward(block, input)
+    head, conv, bn = split
+    out = _run(head, input)
+    if not sd.training or sd.p == 0.0:
+        return conv_bn_act(out, conv, bn, None, input)
+    return _drop_add(conv_bn_act(out, conv, bn, None), input, sd.p)
+
+
+def _mbconv_patterns(block: nn.Module) -> list:
+    if not block.use_res_connect or type(block.block) is not nn.Sequential:
+        return []
+    return _join_pattern(block.block, "block", None)
+
+
+# ---------------------------------------------------------------------- RegNet
+def res_bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """``activation(proj(x) + f(x))`` (or ``x + f(x)``): proj first, as
+    torchvision computes it, then ``f``'s children, the last one's conv -> BN
+    with the shortcut and the activation as one ``conv_bn_act``."""
+    split = _split(block.f, x) if _is(block.f, _REGNET + "BottleneckTransform") else None
+    if split is None or part_blocker(split[1], split[2], block.activation) is not None:
+        return type(block).forward(block, x)
+    head, conv, bn = split
+    shortcut = x if block.proj is None else block.proj(x)
+    return conv_bn_act(_run(head, x), conv, bn, block.activation, shortcut)
+
+
+def _res_bottleneck_patterns(block: nn.Module) -> list:
+    if not _is(block.f, _REGNET + "BottleneckTransform"):
+        return []
+    return _join_pattern(block.f, "f", ("activation", block.activation))
+
+
+_CNA = Family("mobile.Conv2dNormActivation", sequential_forward, sequential_patterns)
+register(_MISC + "Conv2dNormActivation", _CNA)
+register(_REGNET + "SimpleStemIN", _CNA)
+_MBCONV = Family("mobile.MBConv", mbconv_forward, _mbconv_patterns)
+register(_EFF + "MBConv", _MBCONV)
+register(_EFF + "FusedMBConv", _MBCONV)
+register(_REGNET + "ResBottleneckBlock",
+         Family("mobile.ResBottleneckBlock", res_bottleneck_forward, _res_bottleneck_patterns))
