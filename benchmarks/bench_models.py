@@ -245,14 +245,20 @@ class Worker:
         return json.loads(line)
 
     def measure(self) -> dict:
-        self.proc.stdin.write("measure\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write("measure\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it has exited: read() says why
         return self.read()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait()
+        try:
+            self.proc.stdin.close()  # EOF ends a live worker's loop
+        except BrokenPipeError:
+            pass  # it has exited, with an unsent "measure" in the buffer
+        self.proc.wait()
+        self.proc.stdout.close()
 
 
 def export_onnx(name: str, batch: int, size: int, path: str) -> str:
@@ -368,7 +374,8 @@ def _run_case(args, device, threads, dev_name, results, progress, tmp, name, mod
     def skip(v, why, rounds_left=args.rounds):  # a printed reason, not a stop
         if v == BASELINE:
             raise RuntimeError(f"{case} {v}: {why}")
-        skipped[f"{v} on {case}"] = why.strip().splitlines()[-1]
+        lines = why.strip().splitlines()  # a worker's: "exited (code):", its log's tail
+        skipped[f"{v} on {case}"] = " ".join(dict.fromkeys((lines[0], lines[-1])))
         print(f"[{BENCH}] skipping {v} on {case}: {why}", file=sys.stderr)
         progress.total -= rounds_left
 
