@@ -33,7 +33,8 @@ struct BnApplyOp {
   }
 };
 
-// gz = grad_y * act'(z); grad_x = k1[c] * gz + k2[c] * x + k3[c]; grad_residual = gz.
+// gz = grad_y * act'(z); grad_x = k1[c] * gz + k2[c] * x + k3[c] (no x term where k2[c] is 0);
+// grad_residual = gz.
 template <typename T, typename A, Act ACT>
 struct BnBackwardApplyOp {
   struct Params {
@@ -63,7 +64,11 @@ struct BnBackwardApplyOp {
     if (grad_x != nullptr) {
       A gx[V];
 #pragma unroll
-      for (int j = 0; j < V; ++j) gx[j] = p[j].k1 * gz[j] + p[j].k2 * xv[j] + p[j].k3;
+      for (int j = 0; j < V; ++j) {
+        // No x term where k2 is 0 (eval): 0 * inf would be NaN where torch's gradient is finite.
+        const A x_term = p[j].k2 == A(0) ? p[j].k3 : p[j].k2 * xv[j] + p[j].k3;
+        gx[j] = p[j].k1 * gz[j] + x_term;
+      }
       store_vec<V>(grad_x + off, gx);
     }
     if (grad_res != nullptr) store_vec<V>(grad_res + off, gz);
