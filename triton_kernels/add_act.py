@@ -37,7 +37,7 @@ def _flat_tile(per_sample, blocks, BLOCK: tl.constexpr):
     """(n, offs, mask) of program_id(0) = n * blocks + block."""
     pid = tl.program_id(0)
     n = pid // blocks
-    i = (pid - n * blocks) * BLOCK + tl.arange(0, BLOCK)
+    i = (pid - n * blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # a sample may pass 2**31
     return n, n.to(tl.int64) * per_sample + i, i < per_sample
 
 

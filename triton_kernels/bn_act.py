@@ -85,7 +85,8 @@ def _channel_stats_partial_kernel(
     cnt = tl.zeros([BLOCK_C], acc_ty)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    shift = tl.load(x_ptr + c * sC, mask=c_mask, other=0.0).to(acc_ty)
+    # the first value of each channel (a shift for the variance); c * sC may pass 2**31
+    shift = tl.load(x_ptr + c.to(tl.int64) * sC, mask=c_mask, other=0.0).to(acc_ty)
     t0, t1 = _split_tiles(pid_s, tiles_per_split, total_tiles)
     for t in range(t0, t1):
         _, _, _, offs, mask, n_valid = tile_2d(t, pid_c, hw_blocks, C, HW, sN, sC, sHW,
