@@ -8,9 +8,10 @@
 VENV      ?= .venv
 PYTHON    ?= $(VENV)/bin/python
 TORCH     ?= torch==2.14.1 torchvision==0.29.1
-# The tests compare against torchvision and timm, run ONNX files in onnxruntime;
-# the model benchmark also measures OpenVINO.
-TEST_DEPS  = pytest ninja numpy matplotlib setuptools wheel tqdm timm onnx onnxscript onnxruntime
+# The tests compare against torchvision and timm, run ONNX files in onnxruntime
+# and train on scikit-learn's digits; the model benchmark also measures OpenVINO.
+TEST_DEPS  = pytest ninja numpy matplotlib setuptools wheel tqdm timm onnx onnxscript onnxruntime \
+             scikit-learn
 BENCH_DEPS = openvino
 OUT       ?= benchmarks/results
 export MAX_JOBS ?= 2
