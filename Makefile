@@ -45,20 +45,24 @@ bench: build $(VENV)/.bench-deps
 
 # The lent GPU machine has torch but no package registry and no venv, and runs
 # one command for at most 10 minutes: every step is time-boxed (GPU_TEST_S,
-# GPU_BENCH_S seconds) so that `make gpu OUT=$OUT` fits, and a step cut short
-# keeps what it wrote (benchmark rows are written as they are measured). The
-# tests are the cuda and triton targets' (not the sm_80/sm_90 cross-compiles,
-# which `make test` runs anywhere); the GPU benches skip torch.compile (the GPU
-# goals compare against eager) and the DenseNet bench its compile and
-# channels_last torchvision variants. Raise the time boxes, or run
-# `benchmarks/run_all.py --full` by hand, on a longer lease.
-GPU_TEST_S  ?= 210
-GPU_BENCH_S ?= 120
+# GPU_CONTRACT_S, GPU_BENCH_S seconds) so that `make gpu OUT=$OUT` fits, and a
+# step cut short keeps what it wrote (benchmark rows are written as they are
+# measured). The tests are the cuda and triton targets' (not the sm_80/sm_90
+# cross-compiles, which `make test` runs anywhere; tests/test_models_cuda.py runs
+# one model of each family on each GPU backend), then the model contract suite;
+# the GPU benches skip torch.compile (the GPU goals compare against eager) and
+# the DenseNet bench its compile and channels_last torchvision variants. Raise
+# the time boxes, or run `benchmarks/run_all.py --full` by hand, on a longer lease.
+GPU_TEST_S     ?= 180
+GPU_CONTRACT_S ?= 60
+GPU_BENCH_S    ?= 90
 gpu:
 	MAX_JOBS=$$(nproc) python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
 	python3 -m convkernels info | tee $(OUT)/info.txt
 	-timeout $(GPU_TEST_S) python3 -m pytest tests -q -k "(cuda or triton) and not test_compiles" 2>&1 \
 		| tee $(OUT)/gpu-tests.txt | tail -30
+	-timeout $(GPU_CONTRACT_S) python3 -m pytest tests/test_model_contract.py -q 2>&1 \
+		| tee $(OUT)/gpu-contract.txt | tail -5
 	-timeout $(GPU_BENCH_S) python3 benchmarks/run_all.py --benches conv_bn_act,bn_act \
 		--no-compile --out $(OUT)
 	-timeout $(GPU_BENCH_S) python3 benchmarks/run_all.py --benches densenet --out $(OUT) \
