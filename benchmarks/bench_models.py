@@ -1,7 +1,8 @@
 """Whole torchvision models: convkernels against torchvision, torch.compile,
 ONNX Runtime and OpenVINO, on the same weights and inputs.
 
-Variants (one seeded torchvision model; every other variant loads its weights):
+Variants (all from one seeded torchvision model, BN running statistics from one
+batch-statistics pass: see ``torchvision_model``):
 
 * ``torchvision``          ``torchvision.models.<name>()`` (the baseline of every ratio)
 * ``torchvision-cl``       the same, model and input channels_last
@@ -80,12 +81,29 @@ FLAG_ERR = {"out": 1e-3, "grad": 5e-2}
 
 
 # ------------------------------------------------------------------ worker side
-def _build_torch(name: str, variant: str, device: torch.device, train: bool):
-    """The variant's model and a line on how it was built."""
+def torchvision_model(name: str, size: int) -> torch.nn.Module:
+    """The seeded torchvision model every variant starts from (in train mode), with
+    BN running statistics from one batch-statistics pass: at torchvision's init
+    (mean 0, var 1) eval activations can vanish with depth (GoogLeNet's eval logits
+    are then its fc bias), which would leave the error check nothing to compare."""
     import torchvision
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = None  # a cumulative average: one pass sets the batch's statistics
+    with torch.no_grad():
+        model(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4)))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return model
+
+
+def _build_torch(name: str, size: int, variant: str, device: torch.device, train: bool):
+    """The variant's model and a line on how it was built."""
+    model = torchvision_model(name, size)
     how = f"torchvision.models.{name}"
     if variant.startswith("convkernels"):
         import common  # convkernels from this checkout
@@ -190,7 +208,7 @@ def _worker(spec: dict) -> None:
         step = _runtime_step(variant, spec["onnx"], x, spec["threads"])
         grad = None
     else:
-        model, how = _build_torch(spec["model"], variant, device, train)
+        model, how = _build_torch(spec["model"], spec["size"], variant, device, train)
         if variant.endswith("-cl"):
             x = x.contiguous(memory_format=torch.channels_last)
         step, grad = _torch_step(model, x, train, device)
@@ -262,12 +280,9 @@ class Worker:
 
 
 def export_onnx(name: str, batch: int, size: int, path: str) -> str:
-    """torch.onnx.export of the seeded torchvision model at a fixed shape; returns
+    """torch.onnx.export of the torchvision model at a fixed shape; returns
     which exporter wrote it (dynamo=True first, then the TorchScript one)."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)().eval()
+    model = torchvision_model(name, size).eval()
     x = torch.randn(batch, 3, size, size)
     errors = []
     for dynamo in (True, False):
