@@ -270,21 +270,17 @@ SE_CONVS = ("fc1", "fc2", "conv_reduce", "conv_expand")
 def test_explain_lists_the_parts(name):
     ref, _ = pair(name)
     opt, report = optimize(ref, report=True)
-    # A part naming its bound module itself (BatchNormAct2d's "") is qualified
-    # as "<name>." by _report._qualify: compared without the dot.
-    covered = {n.rstrip(".") for p in report for n in p.covers if p.op != "-"}
+    covered = {n for p in report for n in p.covers if p.op != "-"}
     for n, m in opt.named_modules():
         if isinstance(m, nn.BatchNorm2d) and not (name == "timm_resnet50" and n == "bn1"):
             assert n in covered, n
     # Left: SE's convs (no BN to fuse), timm's ResNet stem, and timm's convs
     # before a BatchNormAct2d (its bn_act is fused, the conv runs as aten);
-    # _report also lists each BatchNormAct2d as uncovered (see the xfail below).
     for p in report.left:
         if p.op == "-":
             m = opt.get_submodule(p.covers[0])
             assert (p.covers[0].endswith(SE_CONVS) or p.covers[0] in ("conv1", "bn1")
-                    or (name == "timm_efficientnet_b0"
-                        and (_is(m, "Conv2d") or _is(m, "BatchNormAct2d")))), p
+                    or (name == "timm_efficientnet_b0" and _is(m, "Conv2d"))), p
     joins = [p for p in report if "residual" in p.op]
     blocks = [m for m in opt.modules() if _is(m, "ResBottleneckBlock")
               or (_is(m, "MBConv") and m.use_res_connect)]
@@ -302,9 +298,6 @@ def test_explain_reports_fused(name):
     assert all(p.fused for p in report if p.op != "-"), [p for p in report.left if p.op != "-"]
 
 
-@pytest.mark.xfail(strict=True, reason="_report checks each bn with _guard.bn_blocker (exact "
-                   "nn.BatchNorm2d only) and qualifies a part's own module '' as '<name>.': "
-                   "BatchNormAct2d's fused bn_act shows as left, and as uncovered")
 def test_explain_reports_batchnormact_fused():
     pytest.importorskip("timm")
     ref, _ = pair("timm_efficientnet_b0")

@@ -43,7 +43,8 @@ class Report(list):
 
 
 def _qualify(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    """``name`` ('' for the bound module itself) under the bound module ``prefix``."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _op(p: Pattern) -> str:
@@ -55,13 +56,30 @@ def _op(p: Pattern) -> str:
 def _pattern_part(prefix: str, p: Pattern, family: str) -> Part:
     checks = ((p.conv, _guard.conv_blocker), (p.bn, _guard.bn_blocker),
               (p.act, _guard.act_blocker))
-    present = [(_qualify(prefix, named[0]), named[1], check) for named, check in checks
-               if named is not None]
+    # The bound module itself (name ''; e.g. timm's BatchNormAct2d) is its family's
+    # class by construction, and its own hooks run around the fused forward.
+    present = [(_qualify(prefix, named[0]), named[1], check if named[0] else lambda m: None)
+               for named, check in checks if named is not None]
     # The call-time check's order: the context first, then each module.
     reason = _guard.context_blocker() or next(
         (f"{name} {why}" for name, m, check in present if (why := check(m))), "")
     return Part(prefix, _op(p), tuple(name for name, _, _ in present), not reason, reason,
                 family)
+
+
+def _add(report: Report, part: Part) -> None:
+    """Adds the part that runs where a bound module's part covers a bound
+    submodule's too (an MBConv's join and its project Conv2dNormActivation):
+    the outer one when it fuses (the inner forward is not called), else the inner."""
+    mine = set(part.covers)
+    for i, other in enumerate(report):
+        if other.module != part.module and mine <= set(other.covers):
+            if other.fused:
+                return
+            if part.fused:
+                report[i] = part
+                return
+    report.append(part)
 
 
 def explain(model: nn.Module) -> Report:
@@ -77,7 +95,7 @@ def explain(model: nn.Module) -> Report:
                 continue
             for p in family.patterns(m):
                 part = _pattern_part(name, p, family.name)
-                report.append(part)
+                _add(report, part)
                 covered.update(part.covers)
         elif family is not None and "forward" in m.__dict__:
             report.append(Part(name, "-", (name,), False,
