@@ -54,23 +54,6 @@ _STEM = ("conv0", "norm0", "relu0", "pool0")
 
 
 # ------------------------------------------------------------------ the checks
-def export_blocker() -> Optional[str]:
-    """The graphs torch.export, ONNX export and TorchScript record must be
-    torchvision's, so fused parts run the modules there. (Belongs in
-    ``_guard.context_blocker``, for every family.)"""
-    if torch.compiler.is_exporting():
-        return "torch.export is tracing"
-    if torch.onnx.is_in_onnx_export():
-        return "torch.onnx is exporting"
-    if torch.jit.is_scripting():
-        return "torch.jit is scripting"
-    return None
-
-
-def _context() -> Optional[str]:
-    return context_blocker() or export_blocker()
-
-
 def _observed(m: nn.Module) -> Optional[str]:
     """Why ``m`` must be called as a module: hooks, or a forward overridden on
     the instance other than a fused one bound by ``optimize``. (Belongs in
@@ -225,7 +208,7 @@ def _run_block(layers: list, x: Tensor) -> Tensor:
 
 
 def dense_block_forward(block: nn.Module, init_features: Tensor) -> Tensor:
-    if _context() or not block._modules:
+    if context_blocker() or not block._modules:
         return type(block).forward(block, init_features)
     if _block_blocker(block, init_features) is None:
         return _run_block(list(block._modules.values()), init_features)
@@ -263,7 +246,7 @@ def _transition_blocker(t: nn.Module, x) -> Optional[str]:
 
 
 def transition_forward(t: nn.Module, x: Tensor) -> Tensor:
-    if _context():
+    if context_blocker():
         return type(t).forward(t, x)
     if _transition_blocker(t, x) is not None:
         return sequential_forward(t, x)
@@ -358,7 +341,7 @@ def _features_blocker(features) -> Optional[str]:
 
 def densenet_forward(model: nn.Module, x: Tensor) -> Tensor:
     features = model.features
-    if _context() or _features_blocker(features) is not None:
+    if context_blocker() or _features_blocker(features) is not None:
         return type(model).forward(model, x)
     mods = list(features._modules.values())
     out = _stem(features, x)
