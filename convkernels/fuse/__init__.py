@@ -15,6 +15,7 @@ import copy
 from torch import nn
 
 from . import densenet, inception, mobile, resnet, sequential, timm  # noqa: F401  (register their families)
+from . import anynet, dense1d, preact  # noqa: F401  (the seed models' families)
 from ._bind import bind, bound, mark_scriptable, unbind
 from ._registry import family_of
 from ._report import Part, Report, explain

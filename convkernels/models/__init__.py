@@ -25,3 +25,16 @@ from .regnet import (regnet_x_1_6gf, regnet_x_3_2gf, regnet_x_8gf, regnet_x_16gf
                      regnet_y_400mf, regnet_y_800mf)
 
 __all__ += efficientnet.__all__ + regnet.__all__
+
+# The seed architectures torchvision lacks: plain-torch modules, optimized.
+from . import anynet, highway, lenet, nin, preact_resnet, simclr  # noqa: E402
+from .anynet import anynet, regnetx32  # noqa: E402  (each builder shadows its module)
+from .highway import highway_net  # noqa: E402
+from .lenet import lenet, lenet_bn  # noqa: E402
+from .nin import nin  # noqa: E402
+from .preact_resnet import (preact_resnet18, preact_resnet34, preact_resnet50,  # noqa: E402
+                            preact_resnet101)
+from .simclr import simclr  # noqa: E402
+
+__all__ += ["anynet", "regnetx32", "highway_net", "lenet", "lenet_bn", "nin", "preact_resnet18",
+            "preact_resnet34", "preact_resnet50", "preact_resnet101", "simclr"]

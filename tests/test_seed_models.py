@@ -1,0 +1,251 @@
+"""The seed architectures torchvision lacks (convkernels.models.lenet, lenet_bn,
+nin, preact_resnet*, highway_net, anynet / regnetx32, simclr) against the
+plain-torch references in tests/reference, written from the seeds, on the
+same weights (BN running statistics randomised) and inputs. Op counters prove
+the fused path ran; hooks on inner modules fire with the reference's tensors.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import convkernels
+from convkernels import models, ops
+from reference import anynet as ref_anynet
+from reference import highway as ref_highway
+from reference import lenet as ref_lenet
+from reference import nin as ref_nin
+from reference import preact_resnet as ref_preact
+from reference import simclr as ref_simclr
+
+OPS = ("conv_bn_act", "bn_act", "bn_act_conv", "add_act")
+SMALL_NIN = dict(widths=(8, 16, 24), first_conv=(5, 1, 2))
+SMALL_ANYNET = (8, (1, 2), (16, 24), (8, 4), (0.5, 1.0))
+
+
+def _simclr_reference():
+    encoder = ref_preact.preact_resnet(18, num_classes=10, width=8)
+    encoder.fc = nn.Identity()
+    return ref_simclr.SimCLR(encoder, 64, 16)
+
+
+# name: (builder, reference, input shape, fused op calls per train forward,
+#        the module a hook goes on)
+CASES = {
+    "lenet": (models.lenet, ref_lenet.LeNet, (4, 1, 28, 28), {}, "net.3"),
+    "lenet_bn": (models.lenet_bn, lambda: ref_lenet.LeNet(batch_norm=True), (4, 1, 28, 28),
+                 {"conv_bn_act": 2, "bn_act": 2}, "net.10.bn"),
+    "nin": (lambda: models.nin(**SMALL_NIN), lambda: ref_nin.NiN(**SMALL_NIN), (4, 1, 28, 28),
+            {}, "net.2.2"),
+    "nin_bn": (lambda: models.nin(**SMALL_NIN, batch_norm=True),
+               lambda: ref_nin.NiN(**SMALL_NIN, batch_norm=True), (4, 1, 28, 28),
+               {"conv_bn_act": 12}, "net.2.3"),
+    # 16 BN -> ReLU -> conv units; the first of stages 2-4 shares its BN -> ReLU
+    # with the projection (bn_act), the final BN -> ReLU is one more bn_act.
+    "preact_resnet18": (lambda: models.preact_resnet18(3, 10, width=8),
+                        lambda: ref_preact.preact_resnet(18, num_classes=10, width=8),
+                        (4, 3, 32, 32), {"bn_act_conv": 13, "bn_act": 4}, "layer2.1.conv1"),
+    "preact_resnet18_sd": (lambda: models.preact_resnet18(3, 10, 0.5, width=8),
+                           lambda: ref_preact.preact_resnet(18, num_classes=10, width=8, p=0.5),
+                           (4, 3, 32, 32), {"bn_act_conv": 13, "bn_act": 4, "add_act": 8},
+                           "layer3.0.downsample"),
+    "preact_resnet50": (lambda: models.preact_resnet50(3, 10, 0.3, width=4),
+                        lambda: ref_preact.preact_resnet(50, num_classes=10, width=4, p=0.3),
+                        (4, 3, 32, 32), {"bn_act_conv": 44, "bn_act": 5, "add_act": 16},
+                        "layer1.0.conv3"),
+    "highway_net": (lambda: models.highway_net(width=8, depth=3),
+                    lambda: ref_highway.HighwayNet(width=8, depth=3), (4, 1, 28, 28),
+                    {"conv_bn_act": 4}, "layers.1.transform.0"),
+    "anynet": (lambda: models.anynet(*SMALL_ANYNET),
+               lambda: ref_anynet.AnyNet(list(zip(*SMALL_ANYNET[1:])), SMALL_ANYNET[0]),
+               (4, 3, 32, 32), {"conv_bn_act": 1 + 3 * 3 + 2}, "net.stage2.0.conv4"),
+    "regnetx32": (models.regnetx32, lambda: ref_anynet.AnyNet(
+        [(4, 32, 16, 1), (6, 80, 16, 1)], 32, in_channels=1), (4, 1, 32, 32),
+        {"conv_bn_act": 1 + 10 * 3 + 2}, "net.stage2.3.conv3"),
+    "simclr": (lambda: models.simclr("preact_resnet18", 16, num_classes=10, width=8),
+               _simclr_reference, (4, 3, 32, 32), {"bn_act_conv": 13, "bn_act": 4},
+               "encoder.layer1.0.conv2"),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny inputs gain nothing from threads on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the fused ops the fused forwards call."""
+    counts = dict.fromkeys(OPS, 0)
+    for name in OPS:
+        def counted(*args, _op=getattr(ops, name), _name=name, **kwargs):
+            counts[_name] += 1
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(ops, name, counted)
+    return counts
+
+
+def randomise_bn(model: nn.Module) -> nn.Module:
+    """BN statistics and affine parameters away from their init, so that eval
+    is not the identity on BN."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(3)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+_BASE = {}
+
+
+def pair(name: str, dtype=torch.float32):
+    """(reference, built): the builder's weights loaded strictly into the reference."""
+    if name not in _BASE:
+        torch.manual_seed(0)
+        _BASE[name] = randomise_bn(CASES[name][0]())
+    built = copy.deepcopy(_BASE[name]).to(dtype)
+    ref = CASES[name][1]().to(dtype)
+    ref.load_state_dict(built.state_dict(), strict=True)
+    return ref, built
+
+
+def inputs(name: str, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(CASES[name][2], generator=g, dtype=dtype)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||; below 1e-6 the norm is rounding noise (a conv bias
+    before a training-mode BN has a zero gradient in exact arithmetic)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+
+
+def seeded(model, x):
+    torch.manual_seed(3)  # dropout and stochastic depth masks
+    return model(x)
+
+
+def expected(name: str, training: bool) -> dict:
+    counts = dict.fromkeys(OPS, 0)
+    counts.update(CASES[name][3])
+    if not training:
+        counts["add_act"] = 0  # stochastic depth is the identity in eval
+    return counts
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fp32_eval_and_train_outputs(name, calls):
+    ref, built = pair(name)
+    x = inputs(name)
+    ref.eval(), built.eval()
+    with torch.no_grad():
+        assert rel(built(x), ref(x)) < 1e-4
+    assert calls == expected(name, False)
+    assert rel(built(x), ref(x)) < 1e-4  # eval with autograd
+    ref.train(), built.train()
+    assert rel(seeded(built, x), seeded(ref, x)) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_float64_train_step(name, calls):
+    ref, built = pair(name, torch.float64)
+    x = inputs(name, torch.float64)
+    results = []
+    with convkernels.use_backend("cpu"):
+        for model in (built, ref):
+            model.train()
+            xi = x.clone().requires_grad_()
+            y = seeded(model, xi)
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
+            (y * g).sum().backward()
+            results.append((y, xi.grad))
+            if model is built:
+                assert calls == expected(name, True)
+    (y_b, gx_b), (y_r, gx_r) = results
+    assert rel(y_b, y_r) < 1e-6
+    assert rel(gx_b, gx_r) < 1e-6
+    ref_params = dict(ref.named_parameters())
+    for n, p in built.named_parameters():
+        assert rel(p.grad, ref_params[n].grad) < 1e-6, n
+    ref_buffers = dict(ref.named_buffers())
+    for n, b in built.named_buffers():
+        if b.dtype == torch.long:
+            assert torch.equal(b, ref_buffers[n]), n  # num_batches_tracked
+        else:
+            assert rel(b, ref_buffers[n]) < 1e-6, n
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][3]])
+def test_hook_on_an_inner_module_sees_the_references_tensors(name, calls):
+    """The hooked module's part runs its modules; the hook sees, and changes,
+    what it does in the reference, and the rest stays fused."""
+    ref, built = pair(name)
+    x = inputs(name)
+    seen = {}
+    for key, model in (("built", built), ("ref", ref)):
+        record = seen[key] = []
+        model.get_submodule(CASES[name][4]).register_forward_hook(
+            lambda m, args, out, record=record: (record.append(out.detach().clone()), out * 2)[1])
+    for training in (False, True):
+        ref.train(training), built.train(training)
+        with torch.no_grad():
+            assert rel(seeded(built, x), seeded(ref, x)) < 1e-4
+    assert len(seen["built"]) == len(seen["ref"]) == 2
+    for a, b in zip(seen["built"], seen["ref"]):
+        assert rel(a, b) < 1e-4
+    assert 0 < sum(calls.values()) < 2 * sum(expected(name, True).values())
+
+
+def test_lenet_parameter_count():
+    assert sum(p.numel() for p in models.lenet().parameters()) == 61706
+
+
+def test_unfused_models_bind_nothing():
+    """No op computes conv -> act or linear -> act without a BatchNorm."""
+    for model in (models.lenet(), models.nin(**SMALL_NIN)):
+        assert not convkernels.explain(model).fused
+
+
+def test_dense_batchnorm_with_one_sample_raises_as_torch():
+    _, built = pair("lenet_bn")
+    built.train()
+    x = inputs("lenet_bn")[:1]
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        built(x)
+
+
+def test_stochastic_depth_drops_branches_in_training_only():
+    torch.manual_seed(0)
+    plain, dropping = models.preact_resnet18(3, 10, width=8), models.preact_resnet18(3, 10, 1.0, width=8)
+    dropping.load_state_dict(plain.state_dict())
+    x = inputs("preact_resnet18")
+    plain.eval(), dropping.eval()
+    with torch.no_grad():
+        assert torch.equal(dropping(x), plain(x))
+    plain.train(), dropping.train()
+    with torch.no_grad():
+        assert rel(seeded(dropping, x), seeded(plain, x)) > 1e-3
+
+
+def test_simclr_on_a_torchvision_encoder():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    built = randomise_bn(models.simclr("resnet18", 32))
+    encoder = torchvision.models.resnet18()
+    encoder.fc = nn.Identity()
+    ref = ref_simclr.SimCLR(encoder, 512, 32)
+    ref.load_state_dict(built.state_dict(), strict=True)
+    x = inputs("simclr")
+    ref.eval(), built.eval()
+    with torch.no_grad():
+        assert rel(built(x), ref(x)) < 1e-4
