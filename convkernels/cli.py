@@ -1,4 +1,4 @@
-"""Command line: ``python -m convkernels info``."""
+"""Command line: ``python -m convkernels info`` and ``python -m convkernels verify``."""
 from __future__ import annotations
 
 import argparse
@@ -48,10 +48,38 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="convkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, compiled backends, device, active backend")
+    ver = sub.add_parser("verify", help="each builder against torchvision's on the same weights")
+    ver.add_argument("--models", default="all", help="all, or NAME,NAME,...")
+    ver.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ver.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ver.add_argument("--modes", default="eval,train", help="eval, train or both")
+    ver.add_argument("--size", type=int, default=64,
+                     help="input size (raised to a model's minimum)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+    elif args.command == "verify":
+        return verify(args)
     return 0
+
+
+def verify(args) -> int:
+    from convkernels import verify as v
+
+    known = v.model_names()
+    models = known if args.models == "all" else args.models.split(",")
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        print(f"verify: unknown models {', '.join(unknown)} (known: {', '.join(known)})",
+              file=sys.stderr)
+        return 2
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not set(modes) <= {"eval", "train"}:
+        print(f"verify: --modes takes eval and train, got {args.modes}", file=sys.stderr)
+        return 2
+    rows, status = v.run(models, args.device, args.dtype, modes, args.size)
+    print(v.table(rows))
+    return status
 
 
 if __name__ == "__main__":
