@@ -52,6 +52,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -367,6 +368,9 @@ def main(argv=None) -> list:
     if any(mode == "train" for mode, _ in modes) and set(variants) & set(RUNTIMES):
         print(f"[{BENCH}] {', '.join(v for v in variants if v in RUNTIMES)}: eval cases only "
               "(inference runtimes)", file=sys.stderr)
+    # A time-boxed run (timeout's SIGTERM) still removes the temp dir (ONNX files of up
+    # to ~0.5 GB) and closes the workers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_models-") as tmp:
         for name, mode, batch in cases:
