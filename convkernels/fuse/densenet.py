@@ -44,7 +44,8 @@ from ..nn._bn_state import bn_args, count_batch
 from ..ops import _autocast, _checks
 from ..ops._library import needs_grad
 from ._bind import bound
-from ._guard import ACTS, blocker, context_blocker, input_blocker, part_blocker
+from ._guard import (ACTS, act_blocker, blocker, bn_blocker, context_blocker, conv_blocker,
+                     input_blocker)
 from ._parts import conv_bn_act
 from ._registry import Family, Pattern, register
 from .sequential import sequential_forward
@@ -71,8 +72,9 @@ def _pair(v) -> list:
 
 def _unit_blocker(bn, act, conv, cin: int, cout: int, kernel: int) -> Optional[str]:
     """norm -> ReLU -> conv as torchvision's DenseNet builds it: ``kernel`` x
-    ``kernel``, stride 1, 'same' padding, no bias, cin -> cout channels."""
-    why = part_blocker(conv, bn, act)
+    ``kernel``, stride 1, 'same' padding, no bias, cin -> cout channels. The
+    context is checked once by the caller, not per unit."""
+    why = conv_blocker(conv) or bn_blocker(bn) or act_blocker(act)
     if why:
         return why
     if type(act) is not nn.ReLU:
