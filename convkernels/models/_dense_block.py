@@ -39,7 +39,7 @@ that saves x (the block buffer, saved anyway), the statistics and the pooled
 tensor (a quarter of t's size); backward needs t neither for the conv (it has
 the pooled tensor) nor for the pooling's backward (only its shape).
 
-Autocast: the callers (models.densenet) cast x and the conv weights to the
+Autocast: the callers (fuse.densenet) cast x and the conv weights to the
 autocast dtype, as autocast casts a convolution's arguments, and run these
 functions with autocast off. The buffer, every conv and the saved tensors are
 then in that dtype, while the BN parameters stay float32 and the statistics
