@@ -187,9 +187,9 @@ def _run_block(layers: list, x: Tensor) -> Tensor:
     norms = [(_bn_cfg(l.norm1), _bn_cfg(l.norm2)) for l in layers]
     first = layers[0]
     cfg = db.BlockCfg(first.conv1.in_channels, first.conv2.out_channels,
-                   [n1[0] for n1, _ in norms], [n2[0] for _, n2 in norms],
-                   first.drop_rate if first.training else 0.0,
-                   any(l.memory_efficient for l in layers), impl)
+                      [n1[0] for n1, _ in norms], [n2[0] for _, n2 in norms],
+                      first.drop_rate if first.training else 0.0,
+                      any(l.memory_efficient for l in layers), impl)
     # Under autocast the convs' tensors (the buffer is every conv's input) are
     # cast as torch casts them; BN parameters and statistics are not.
     x, *convs = _autocast.conv_args(x, *(w for l in layers
@@ -290,7 +290,7 @@ def _stem_node(x: Tensor, conv0, norm0, pool0) -> Tensor:
     x, cw = _autocast.conv_args(x, conv0.weight)
     _check_stem(x, cw, conv0, norm0, a.training)
     cfg = db.StemCfg(bn_cfg, list(conv0.stride), list(conv0.padding), list(conv0.dilation),
-                  conv0.groups, pool, backend.resolve(x.device))
+                     conv0.groups, pool, backend.resolve(x.device))
     with _autocast.disabled(x):
         y = db.StemFunction.apply(cfg, x, cw, norm0.weight, norm0.bias)
     count_batch(norm0, a)
