@@ -34,7 +34,8 @@ import convkernels  # noqa: E402
 OUT_TOL = 1e-4   # fp32
 GRAD_TOL = 1e-6  # float64
 NUM_CLASSES = 10
-SIZE = 64        # the last stage stays 2x2 (training BN over 2 values per channel is ill-conditioned)
+# The last stage stays 2x2 (training BN over 2 values per channel is ill-conditioned).
+SIZE = 64
 
 _DENSE_FEATURES = tuple("features." + n for n in (
     "conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2",
@@ -133,7 +134,7 @@ def rel(a, b) -> float:
 
 def close(a, b, what: str) -> None:
     tol = GRAD_TOL if b.dtype == torch.float64 else OUT_TOL
-    assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
+    assert (a.shape, a.dtype) == (b.shape, b.dtype), what
     assert rel(a, b) <= tol, f"{what}: relative error {rel(a, b):.3g}"
 
 
