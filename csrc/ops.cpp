@@ -59,4 +59,6 @@ TORCH_LIBRARY(convkernels_C, m) {
   m.def(
       "add_act_backward(Tensor grad_y, Tensor x, Tensor residual, Tensor? scale, str act, "
       "bool need_grad_x, bool need_grad_residual) -> (Tensor grad_x, Tensor grad_residual)");
+  m.def("nt_xent_forward(Tensor z, float temperature) -> (Tensor row_loss, Tensor lse)");
+  m.def("nt_xent_backward(Tensor grad, Tensor z, Tensor lse, float temperature) -> Tensor");
 }

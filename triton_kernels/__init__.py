@@ -1,6 +1,6 @@
 """Triton kernels of convkernels (installed as ``convkernels.triton_kernels``).
 
-Exports the six primitives of ``convkernels/ops/primitives.py`` with exactly the
+Exports the eight primitives of ``convkernels/ops/primitives.py`` with exactly the
 contract's names and signatures, and ``conv2d_fused``: the implicit-GEMM conv
 with a BN-act prologue and a bias/residual/act/statistics epilogue that the
 fused conv ops run on. On CPU tensors they run only under
@@ -15,6 +15,7 @@ from __future__ import annotations
 from . import add_act as _add_act
 from . import bn_act as _bn_act
 from . import conv as _conv
+from . import nt_xent as _nt_xent
 from .activations import ACT_CODES, act_code
 from .add_act import add_act_backward, add_act_forward
 from .bn_act import (
@@ -25,8 +26,9 @@ from .bn_act import (
 )
 from .conv import conv2d_fused
 from .layout import CompileCase
+from .nt_xent import nt_xent_backward, nt_xent_forward
 
-_KERNEL_MODULES = (_bn_act, _add_act, _conv)
+_KERNEL_MODULES = (_bn_act, _add_act, _conv, _nt_xent)
 
 __all__ = [
     "channel_stats",
@@ -35,6 +37,8 @@ __all__ = [
     "bn_act_backward_apply",
     "add_act_forward",
     "add_act_backward",
+    "nt_xent_forward",
+    "nt_xent_backward",
     "conv2d_fused",
     "ACT_CODES",
     "act_code",

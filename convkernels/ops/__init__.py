@@ -9,5 +9,6 @@ from .batch_stats import batch_stats
 from .bn_act import bn_act
 from .bn_act_conv import bn_act_conv
 from .conv_bn_act import conv_bn_act
+from .nt_xent import nt_xent_loss
 
-__all__ = ["add_act", "batch_stats", "bn_act", "bn_act_conv", "conv_bn_act", "reference"]
+__all__ = ["add_act", "batch_stats", "bn_act", "bn_act_conv", "conv_bn_act", "nt_xent_loss", "reference"]

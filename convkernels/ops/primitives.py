@@ -55,6 +55,25 @@ add_act_backward(grad_y, x, residual, scale, act, need_grad_x, need_grad_residua
     -> (grad_x, grad_residual)
     With ``gz = grad_y * act'(residual + scale[n] * x)``:
     ``grad_x = scale[n] * gz`` and ``grad_residual = gz``; None if not asked for.
+
+The NT-Xent primitives take ``z``: the stacked views ``[M, D]`` (M = 2N even),
+contiguous, of one floating dtype, with ``u_i = z_i / max(|z_i|, 1e-12)``
+(F.normalize's eps), ``s_ij = <u_i, u_j> / temperature`` and ``p(i) = (i + M/2) % M``.
+Neither ever holds the M x M matrix of ``s``: rows are processed in blocks
+against blocks of columns (normalised copies of z's rows are allowed).
+
+nt_xent_forward(z, temperature) -> (row_loss, lse)
+    ``lse_i = logsumexp_{j != i} s_ij`` (an online logsumexp over column blocks)
+    and ``row_loss_i = lse_i - s_{i,p(i)}``: ``[M]`` vectors of the accumulation dtype.
+
+nt_xent_backward(grad, z, lse, temperature) -> grad_z
+    ``grad``: the 0-dim gradient of the *mean* loss (accumulation dtype); ``lse``:
+    the forward's. With ``P_ij = exp(s_ij - lse_i)`` (0 for j = i),
+    ``W_ij = P_ij + P_ji - 2 [j = p(i)]`` (s is symmetric) and ``c = grad / M``:
+    ``g_u_i = (c / temperature) * sum_j W_ij u_j``, ``r_i = sum_j W_ij s_ij``
+    (so that ``<u_i, g_u_i> = c r_i`` needs no second pass over D), and
+    ``grad_z_i = (g_u_i - c r_i u_i) / |z_i|``, or ``g_u_i / 1e-12`` where
+    ``|z_i| <= 1e-12`` (the clamp passes no gradient to the norm). In z's dtype.
 """
 from __future__ import annotations
 
@@ -67,6 +86,8 @@ NAMES = (
     "bn_act_backward_apply",
     "add_act_forward",
     "add_act_backward",
+    "nt_xent_forward",
+    "nt_xent_backward",
 )
 
 

@@ -69,3 +69,16 @@ def bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training=False
             z = z + bn_bias.to(x.dtype).view(shape)
         t = activation(z, act)
     return F.conv2d(t, conv_weight, conv_bias, stride, padding, dilation, groups)
+
+
+def nt_xent_loss(z1, z2, temperature=0.5):
+    """SimCLR's NT-Xent: over the 2N views ``z = cat(z1, z2)``, cosine similarities
+    ``s_ij / temperature`` with the self-pairs masked out, cross entropy of each
+    anchor i against its positive ``(i + N) % 2N``; mean over the 2N anchors."""
+    n = z1.size(0)
+    u = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = (u @ u.T) / temperature
+    eye = torch.eye(2 * n, dtype=torch.bool, device=u.device)
+    sim = sim.masked_fill(eye, float("-inf"))
+    rows = torch.arange(2 * n, device=u.device)
+    return (torch.logsumexp(sim, dim=1) - sim[rows, (rows + n) % (2 * n)]).mean()
