@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .layout import TRITON_TYPE, CompileCase, acc_dtype, case_signature, device_guard
 
-EPS = 1e-12  # F.normalize's
+EPS = tl.constexpr(1e-12)  # F.normalize's (a constexpr: jit code reads no other globals)
 # (BLOCK_M, BLOCK_N, num_warps): the larger tile once there are enough row blocks
 # to fill the GPU with it.
 TILES = ((32, 32, 4), (64, 64, 4))
