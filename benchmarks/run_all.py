@@ -1,6 +1,6 @@
 """Runs the DenseNet and whole-model benchmarks and every op benchmark, then plots the speedups.
 
-    PYTHONPATH=. python benchmarks/run_all.py            # densenet121 train/eval; models: resnet50, densenet121 eval1; ops quick: headline + 3 model shapes; conv: 7 convs, eval
+    PYTHONPATH=. python benchmarks/run_all.py            # densenet121 train/eval; models: resnet50, densenet121 eval1; ops quick: headline + 3 model shapes; conv: 7 convs, eval; nt_xent N 256, 1024
     PYTHONPATH=. python benchmarks/run_all.py --full     # every ResNet-50 / DenseNet-121 BN and conv shape
     PYTHONPATH=. python benchmarks/run_all.py --benches conv_bn_act   # one bench (+ its plot)
     PYTHONPATH=. python benchmarks/run_all.py --plot-only
@@ -33,7 +33,8 @@ import timing  # noqa: E402
 BENCHES = OrderedDict([("densenet", "bench_densenet"), ("models", "bench_models"),
                        ("bn_act", "bench_bn_act"),
                        ("add_act", "bench_add_act"),
-                       ("conv_bn_act", "bench_conv_bn_act")])
+                       ("conv_bn_act", "bench_conv_bn_act"),
+                       ("nt_xent", "bench_nt_xent")])
 
 
 def plot(csv_path: str, png_path: str, max_cases: int = 80, benches=None) -> str:
