@@ -14,9 +14,10 @@ import copy
 
 from torch import nn
 
-from . import densenet, inception, mobile, resnet, sequential, timm  # noqa: F401  (register their families)
-from . import anynet, dense1d, preact  # noqa: F401  (the seed models' families)
-from ._bind import bind, bound, mark_scriptable, unbind
+# Importing a family registers it: torchvision's, timm's, then the seed models'.
+from . import densenet, inception, mobile, resnet, sequential, timm  # noqa: F401
+from . import anynet, dense1d, preact  # noqa: F401
+from ._bind import bind, mark_scriptable, unbind
 from ._registry import family_of
 from ._report import Part, Report, explain
 

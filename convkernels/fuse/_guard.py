@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..ops._checks import FLOAT_DTYPES
+from ._bind import bound
 
 # FX's symbolic tracing records module calls; torch.export also sets the FX flag
 # (older torch has only the combined test).
@@ -54,6 +55,17 @@ def context_blocker() -> Optional[str]:
         return "torch.jit is tracing"
     if _exporting() or torch.onnx.is_in_onnx_export():
         return "torch.export is tracing"
+    return None
+
+
+def observed(m: nn.Module) -> Optional[str]:
+    """Why ``m`` must be called as a module rather than computed inside an
+    enclosing fused part: hooks, or a forward set on the instance other than a
+    fused one ``optimize`` bound (which computes the same)."""
+    if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
+        return "has a hook"
+    if "forward" in m.__dict__ and bound(m) is None:
+        return "its forward is overridden on the instance"
     return None
 
 

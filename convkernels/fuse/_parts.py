@@ -15,18 +15,25 @@ def _act_name(act: Optional[nn.Module]) -> str:
     return "identity" if act is None else ACTS[type(act)]
 
 
+def run_conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, act: str,
+                    residual: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+    """The fused op on the modules' state, ``act`` by name, into ``out`` if
+    given; for a caller whose guard check passed."""
+    a = bn_args(bn)
+    y = ops.conv_bn_act(x, conv.weight, conv.bias, a.running_mean, a.running_var, bn.weight,
+                        bn.bias, a.training, a.momentum, bn.eps, conv.stride, conv.padding,
+                        conv.dilation, conv.groups, act, residual, out)
+    count_batch(bn, a)
+    return y
+
+
 def conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, act: Optional[nn.Module],
                 residual: Optional[Tensor] = None) -> Tensor:
     """``act(bn(conv(x)) [+ residual])``; ``act=None``: no activation module.
     The unfused path adds the residual in place, as torchvision's blocks do
     (``out += identity``), so a hook that kept bn's output sees the same."""
     if blocker(x, conv, bn, act, residual) is None:
-        a = bn_args(bn)
-        y = ops.conv_bn_act(x, conv.weight, conv.bias, a.running_mean, a.running_var,
-                            bn.weight, bn.bias, a.training, a.momentum, bn.eps, conv.stride,
-                            conv.padding, conv.dilation, conv.groups, _act_name(act), residual)
-        count_batch(bn, a)
-        return y
+        return run_conv_bn_act(x, conv, bn, _act_name(act), residual)
     y = bn(conv(x))
     if residual is not None:
         y += residual
@@ -42,3 +49,15 @@ def bn_act(x: Tensor, bn: nn.Module, act: nn.Module) -> Tensor:
         count_batch(bn, a)
         return y
     return act(bn(x))
+
+
+def bn_act_conv(x: Tensor, bn: nn.Module, act: nn.Module, conv: nn.Module) -> Tensor:
+    """``conv(act(bn(x)))``, the pre-activation unit (DenseNet, ResNetV2)."""
+    if blocker(x, conv, bn, act) is None:
+        a = bn_args(bn)
+        y = ops.bn_act_conv(x, a.running_mean, a.running_var, bn.weight, bn.bias, a.training,
+                            a.momentum, bn.eps, ACTS[type(act)], conv.weight, conv.bias,
+                            conv.stride, conv.padding, conv.dilation, conv.groups)
+        count_batch(bn, a)
+        return y
+    return conv(act(bn(x)))

@@ -43,10 +43,9 @@ from .. import backend, ops
 from ..nn._bn_state import bn_args, count_batch
 from ..ops import _autocast, _checks
 from ..ops._library import needs_grad
-from ._bind import bound
-from ._guard import (ACTS, act_blocker, blocker, bn_blocker, context_blocker, conv_blocker,
-                     input_blocker)
-from ._parts import conv_bn_act
+from ._guard import (act_blocker, blocker, bn_blocker, context_blocker, conv_blocker,
+                     input_blocker, observed)
+from ._parts import bn_act_conv, conv_bn_act
 from ._registry import Family, Pattern, register
 from .sequential import sequential_forward
 
@@ -55,17 +54,6 @@ _STEM = ("conv0", "norm0", "relu0", "pool0")
 
 
 # ------------------------------------------------------------------ the checks
-def _observed(m: nn.Module) -> Optional[str]:
-    """Why ``m`` must be called as a module: hooks, or a forward overridden on
-    the instance other than a fused one bound by ``optimize``. (Belongs in
-    ``_guard``: its ``_module_blocker`` without the bound-forward exception.)"""
-    if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
-        return "has a hook"
-    if "forward" in m.__dict__ and bound(m) is None:
-        return "its forward is overridden on the instance"
-    return None
-
-
 def _pair(v) -> list:
     return [v, v] if isinstance(v, int) else list(v)
 
@@ -118,18 +106,6 @@ def _bn_cfg(bn: nn.BatchNorm2d):
     return _db().BNCfg(a.running_mean, a.running_var, a.training, a.momentum, bn.eps), a
 
 
-def bn_act_conv(x: Tensor, bn: nn.Module, act: nn.Module, conv: nn.Module) -> Tensor:
-    """``conv(act(bn(x)))``. (Belongs in ``_parts``.)"""
-    if blocker(x, conv, bn, act) is None:
-        a = bn_args(bn)
-        y = ops.bn_act_conv(x, a.running_mean, a.running_var, bn.weight, bn.bias, a.training,
-                            a.momentum, bn.eps, ACTS[type(act)], conv.weight, conv.bias,
-                            conv.stride, conv.padding, conv.dilation, conv.groups)
-        count_batch(bn, a)
-        return y
-    return conv(act(bn(x)))
-
-
 def _layer_forward(layer: nn.Module, prev: list) -> Tensor:
     """torchvision's ``_DenseLayer.forward`` on a list of tensors without
     checkpointing, its two norm-relu-conv units fused."""
@@ -149,7 +125,7 @@ def _layer_class(block: nn.Module) -> Optional[type]:
 def _layer_blocker(layer: nn.Module, layer_cls: Optional[type]) -> Optional[str]:
     if type(layer) is not layer_cls:
         return f"is {type(layer).__name__}, not _DenseLayer"
-    return _observed(layer)
+    return observed(layer)
 
 
 def _block_blocker(block: nn.Module, x) -> Optional[str]:
@@ -244,7 +220,7 @@ def _transition_blocker(t: nn.Module, x) -> Optional[str]:
             or _pair(pool.padding) != [0, 0] or pool.ceil_mode or not pool.count_include_pad
             or pool.divisor_override is not None):
         return "pool is not a 2x2 average pooling"
-    return _observed(pool) or _batch_norm_count(x, [norm])
+    return observed(pool) or _batch_norm_count(x, [norm])
 
 
 def transition_forward(t: nn.Module, x: Tensor) -> Tensor:
@@ -310,7 +286,7 @@ def _stem(features: nn.Module, x: Tensor) -> Tensor:
             and not _dropout_active(features)):
         x = x.contiguous(memory_format=torch.channels_last)
     if (type(relu0) is nn.ReLU and type(pool0) is nn.MaxPool2d and not pool0.return_indices
-            and _observed(pool0) is None and conv0.bias is None
+            and observed(pool0) is None and conv0.bias is None
             and backend.resolve(x.device) != "reference"
             and needs_grad(x, conv0.weight, norm0.weight, norm0.bias)):
         return _stem_node(x, conv0, norm0, pool0)
@@ -338,7 +314,7 @@ def _features_shape(features) -> Optional[str]:
 
 
 def _features_blocker(features) -> Optional[str]:
-    return _features_shape(features) or _observed(features)
+    return _features_shape(features) or observed(features)
 
 
 def densenet_forward(model: nn.Module, x: Tensor) -> Tensor:

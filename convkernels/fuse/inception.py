@@ -28,15 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
-from ..nn._bn_state import bn_args, count_batch
 from ..ops import _autocast
 from ..ops._checks import conv_output_size
 from ..ops._library import memory_format
 from ._bind import bound
-from ._guard import blocker, context_blocker, input_blocker, part_blocker
+from ._guard import blocker, context_blocker, input_blocker, observed, part_blocker
+from ._parts import run_conv_bn_act
 from ._registry import Family, Pattern, register
-from .densenet import _observed  # (belongs in _guard: see there)
 
 _GOOGLENET = "torchvision.models.googlenet."
 _INCEPTION = "torchvision.models.inception."
@@ -47,13 +45,7 @@ def _basic(m: nn.Module, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """``F.relu(m.bn(m.conv(x)), inplace=True)``, into ``out`` when the fused op
     runs (the caller fills ``out`` from the unfused result)."""
     if blocker(x, m.conv, m.bn, None) is None:
-        conv, bn = m.conv, m.bn
-        a = bn_args(bn)
-        y = ops.conv_bn_act(x, conv.weight, conv.bias, a.running_mean, a.running_var, bn.weight,
-                            bn.bias, a.training, a.momentum, bn.eps, conv.stride, conv.padding,
-                            conv.dilation, conv.groups, "relu", None, out=out)
-        count_batch(bn, a)
-        return y
+        return run_conv_bn_act(x, m.conv, m.bn, "relu", out=out)
     return F.relu(m.bn(m.conv(x)), inplace=True)
 
 
@@ -109,7 +101,7 @@ def _fusable_basic(m: nn.Module) -> bool:
     """``m`` is a BasicConv2d whose forward is this family's, nothing observes it
     and its conv and BN may fuse: it may run here, into a slice."""
     f = bound(m)
-    return (f is not None and f.fn is basic_conv_forward and _observed(m) is None
+    return (f is not None and f.fn is basic_conv_forward and observed(m) is None
             and part_blocker(m.conv, m.bn, None) is None)
 
 
@@ -117,7 +109,7 @@ def _unrolled(head: nn.Module) -> tuple:
     """(stem modules, head module): GoogLeNet's branches are Sequentials ending in
     a BasicConv2d; a plain one is run child by child, so that its last
     BasicConv2d writes the slice. Anything else is one opaque head."""
-    if type(head) is nn.Sequential and _observed(head) is None and len(head) > 0:
+    if type(head) is nn.Sequential and observed(head) is None and len(head) > 0:
         mods = list(head._modules.values())
         return tuple(mods[:-1]), mods[-1]
     return (), head

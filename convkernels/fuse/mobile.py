@@ -35,10 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._guard import input_blocker, part_blocker
+from ._guard import input_blocker, observed, part_blocker
 from ._parts import conv_bn_act
 from ._registry import Family, Pattern, register
-from .densenet import _observed  # belongs in _guard (hooks; a forward set, other than a fused one)
 from .sequential import _patterns as sequential_patterns
 from .sequential import sequential_forward
 
@@ -83,11 +82,11 @@ def _join_pattern(seq: nn.Module, prefix: str, act) -> list:
 def _split(seq: nn.Module, x) -> Optional[tuple]:
     """``(head, conv, bn)``: the children of ``seq`` before its last and the last
     one's conv and BN, when ``seq`` may be run child by child here."""
-    if _observed(seq) or not len(seq._modules) or input_blocker(x, None) is not None:
+    if observed(seq) or not len(seq._modules) or input_blocker(x, None) is not None:
         return None
     *head, last = seq._modules.values()
     conv_bn = _conv_bn(last)
-    return None if conv_bn is None or _observed(last) else (head, *conv_bn)
+    return None if conv_bn is None or observed(last) else (head, *conv_bn)
 
 
 def _run(mods: list, x: Tensor) -> Tensor:
@@ -100,7 +99,7 @@ def _run(mods: list, x: Tensor) -> Tensor:
 def _sd_blocker(sd: nn.Module) -> Optional[str]:
     """StochasticDepth as the fused join computes it: row mode, a valid p
     (torchvision raises otherwise, and so must its forward here)."""
-    if not _is(sd, _SD) or _observed(sd):
+    if not _is(sd, _SD) or observed(sd):
         return "stochastic_depth is observed or replaced"
     if sd.mode != "row" or not 0.0 <= sd.p <= 1.0:
         return f"stochastic_depth mode={sd.mode!r} p={sd.p}"

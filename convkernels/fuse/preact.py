@@ -19,9 +19,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ._guard import context_blocker, input_blocker
-from ._parts import bn_act
+from ._parts import bn_act, bn_act_conv
 from ._registry import Family, Pattern, register
-from .densenet import bn_act_conv  # conv(act(bn(x))) behind the guard (belongs in _parts)
 from .resnet import drop_scale
 
 _MODELS = "convkernels.models.preact_resnet."

@@ -1,40 +1,26 @@
-"""The architecture set on the fused ops (torchvision-compatible builders)."""
-from .densenet import DenseNet, densenet121, densenet161, densenet169, densenet201
-from .resnet import (resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d,
-                     resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2)
+"""The architecture set on the fused ops.
 
-__all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201",
-           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-           "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+torchvision's builders followed by ``convkernels.optimize`` (same names, kwargs,
+``weights=``, classes and state dicts), and the seed architectures torchvision
+lacks (plain-torch modules from the seeds, optimized). Several builders share
+their module's name, so the names come from each module's ``__all__``.
+"""
+import importlib
 
-from .googlenet import googlenet, inception_v3  # noqa: E402  (after the names above: a module shares its name)
-from .vgg import (alexnet, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn,  # noqa: E402
-                  vgg19, vgg19_bn)
+from .anynet import *  # noqa: F401,F403
+from .densenet import *  # noqa: F401,F403
+from .efficientnet import *  # noqa: F401,F403
+from .googlenet import *  # noqa: F401,F403
+from .highway import *  # noqa: F401,F403
+from .lenet import *  # noqa: F401,F403
+from .nin import *  # noqa: F401,F403
+from .preact_resnet import *  # noqa: F401,F403
+from .regnet import *  # noqa: F401,F403
+from .resnet import *  # noqa: F401,F403
+from .simclr import *  # noqa: F401,F403
+from .vgg import *  # noqa: F401,F403
 
-__all__ += ["googlenet", "inception_v3", "alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn",
-            "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
-
-from . import efficientnet, regnet  # noqa: E402
-from .efficientnet import (efficientnet_b0, efficientnet_b1, efficientnet_b2,  # noqa: E402
-                           efficientnet_b3, efficientnet_b4, efficientnet_b5, efficientnet_b6,
-                           efficientnet_b7, efficientnet_v2_l, efficientnet_v2_m,
-                           efficientnet_v2_s)
-from .regnet import (regnet_x_1_6gf, regnet_x_3_2gf, regnet_x_8gf, regnet_x_16gf,  # noqa: E402
-                     regnet_x_32gf, regnet_x_400mf, regnet_x_800mf, regnet_y_1_6gf,
-                     regnet_y_3_2gf, regnet_y_8gf, regnet_y_16gf, regnet_y_32gf, regnet_y_128gf,
-                     regnet_y_400mf, regnet_y_800mf)
-
-__all__ += efficientnet.__all__ + regnet.__all__
-
-# The seed architectures torchvision lacks: plain-torch modules, optimized.
-from . import anynet, highway, lenet, nin, preact_resnet, simclr  # noqa: E402
-from .anynet import anynet, regnetx32  # noqa: E402  (each builder shadows its module)
-from .highway import highway_net  # noqa: E402
-from .lenet import lenet, lenet_bn  # noqa: E402
-from .nin import nin  # noqa: E402
-from .preact_resnet import (preact_resnet18, preact_resnet34, preact_resnet50,  # noqa: E402
-                            preact_resnet101)
-from .simclr import simclr  # noqa: E402
-
-__all__ += ["anynet", "regnetx32", "highway_net", "lenet", "lenet_bn", "nin", "preact_resnet18",
-            "preact_resnet34", "preact_resnet50", "preact_resnet101", "simclr"]
+_TORCHVISION = ("densenet", "resnet", "googlenet", "vgg", "efficientnet", "regnet")
+_SEEDS = ("lenet", "nin", "preact_resnet", "highway", "anynet", "simclr")
+__all__ = [name for module in _TORCHVISION + _SEEDS
+           for name in importlib.import_module(f"{__name__}.{module}").__all__]
