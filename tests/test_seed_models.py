@@ -249,3 +249,15 @@ def test_simclr_on_a_torchvision_encoder():
     ref.eval(), built.eval()
     with torch.no_grad():
         assert rel(built(x), ref(x)) < 1e-4
+
+
+def test_explain_reports_the_batchnorm1d_parts_as_they_run():
+    """lenet_bn's dense BatchNorm1d -> sigmoid parts run fused, and explain says
+    so; a hook on one sends that one back to its modules, and explain says that."""
+    model = convkernels.models.lenet_bn()
+    bn1d = [p for p in convkernels.explain(model) if p.op.startswith("bn_act")]
+    assert len(bn1d) == 2 and all(p.fused for p in bn1d)
+    model.net[9].bn.register_forward_hook(lambda *args: None)
+    left = convkernels.explain(model).left
+    assert [p.covers for p in left] == [("net.9.bn", "net.9.act")]
+    assert "has a forward hook" in left[0].reason

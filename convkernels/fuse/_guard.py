@@ -97,10 +97,12 @@ def conv_blocker(conv: nn.Module) -> Optional[str]:
     return _module_blocker(conv)
 
 
-def bn_blocker(bn: nn.Module) -> Optional[str]:
+def bn_blocker(bn: nn.Module, expected: type = nn.BatchNorm2d) -> Optional[str]:
+    """``expected``: the BatchNorm class the part computes (BatchNorm1d on an
+    [N, C] input is BatchNorm2d on its [N, C, 1, 1] view)."""
     # momentum=None, track_running_stats=False, affine=False: bn_args maps them.
-    if type(bn) is not nn.BatchNorm2d:
-        return _class_blocker(bn, nn.BatchNorm2d)
+    if type(bn) is not expected:
+        return _class_blocker(bn, expected)
     return _module_blocker(bn)
 
 

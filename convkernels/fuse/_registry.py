@@ -24,6 +24,7 @@ class Pattern:
     bn: Named
     act: Optional[Named]
     residual: bool = False
+    bn_class: type = nn.BatchNorm2d  # the BatchNorm class the part computes
 
 
 @dataclass(frozen=True)

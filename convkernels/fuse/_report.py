@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -54,7 +55,8 @@ def _op(p: Pattern) -> str:
 
 
 def _pattern_part(prefix: str, p: Pattern, family: str) -> Part:
-    checks = ((p.conv, _guard.conv_blocker), (p.bn, _guard.bn_blocker),
+    checks = ((p.conv, _guard.conv_blocker),
+              (p.bn, partial(_guard.bn_blocker, expected=p.bn_class)),
               (p.act, _guard.act_blocker))
     # The bound module itself (name ''; e.g. timm's BatchNormAct2d) is its family's
     # class by construction, and its own hooks run around the fused forward.

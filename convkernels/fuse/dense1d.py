@@ -5,10 +5,7 @@ The linear layer is called as itself (no op fuses it); BatchNorm1d on an
 [N, C] input is BatchNorm2d on its [N, C, 1, 1] view (the same per-channel
 statistics over N values, the same running-stat update with N - 1 in the
 unbiased variance, the same ``num_batches_tracked``), so BN and the activation
-run as one ``bn_act`` there. The checks ``_guard`` lacks for this (its
-``bn_blocker`` knows BatchNorm2d only; belongs there) are here, and so
-``explain`` reports this part as left ("is BatchNorm1d, not BatchNorm2d")
-while the call-time check below fuses it.
+run as one ``bn_act`` there.
 """
 from __future__ import annotations
 
@@ -18,19 +15,12 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn._bn_state import bn_args, count_batch
-from ._guard import (ACTS, _class_blocker, _module_blocker, act_blocker, context_blocker,
-                     input_blocker)
+from ._guard import ACTS, act_blocker, bn_blocker, context_blocker, input_blocker
 from ._registry import Family, Pattern, register
 
 
-def _bn1d_blocker(bn: nn.Module) -> Optional[str]:
-    if type(bn) is not nn.BatchNorm1d:
-        return _class_blocker(bn, nn.BatchNorm1d)
-    return _module_blocker(bn)
-
-
 def _blocker(y, bn: nn.Module, act: nn.Module) -> Optional[str]:
-    why = context_blocker() or _bn1d_blocker(bn) or act_blocker(act)
+    why = context_blocker() or bn_blocker(bn, nn.BatchNorm1d) or act_blocker(act)
     if why:
         return why
     # BatchNorm1d also takes [N, C, L]; a Linear's 3-D output is [N, L, C], whose
@@ -55,7 +45,7 @@ def linear_bn_act_forward(unit: nn.Module, x: Tensor) -> Tensor:
 
 
 def _patterns(unit: nn.Module) -> list:
-    return [Pattern(None, ("bn", unit.bn), ("act", unit.act))]
+    return [Pattern(None, ("bn", unit.bn), ("act", unit.act), bn_class=nn.BatchNorm1d)]
 
 
 register("convkernels.models.lenet.LinearBNAct",
