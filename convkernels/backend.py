@@ -83,8 +83,26 @@ def available(name: str, device_type: str) -> bool:
     return False
 
 
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def recording_for_export() -> bool:
+    """Whether a graph is being recorded for export. torch.export (which the
+    ONNX exporter runs) keeps each public op as one node; its decomposition
+    (``run_decompositions``, which the ONNX exporter runs) is the op's body
+    traced here. torch.jit.trace cannot record the public ops (their ``int[2]``
+    arguments), so their wrappers run the body under it. Either way the body
+    must be the reference composite: standard aten ops (Conv,
+    BatchNormalization, Relu, ... in ONNX) that run without convkernels, with
+    dynamic shapes. torch.compile is not export: it keeps the fused kernels."""
+    return _exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 def resolve(device: torch.device) -> str:
-    """The concrete backend that runs tensors on ``device``."""
+    """The concrete backend that runs tensors on ``device`` (``reference``
+    while a graph is recorded for export: see :func:`recording_for_export`)."""
+    if recording_for_export():
+        return "reference"
     name = get_backend()
     kind = device.type
     if name == "auto":

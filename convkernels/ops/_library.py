@@ -69,6 +69,15 @@ def plain_eager(*tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def run_body(*tensors) -> bool:
+    """Whether a public op's wrapper runs the op's Python body itself rather
+    than the registered op: eagerly on plain tensors (see :func:`plain_eager`),
+    and under torch.jit.trace, whose tracer cannot record these ops (their
+    ``int[2]`` and ``Scalar?`` arguments) but records the reference composite
+    the body then runs (see backend.recording_for_export)."""
+    return torch.jit.is_tracing() or plain_eager(*tensors)
+
+
 def unpack_grads(grads, mask) -> tuple:
     """The list a backward op returned (only the gradients set in ``mask``) as a
     full tuple with None where a gradient was not asked for."""

@@ -111,4 +111,6 @@ def add_act(x: Tensor, residual: Tensor, act: str = "relu", scale: Optional[Tens
     shape, dtype and device; ``scale``: optional ``[N]`` per-sample factor on the
     branch (stochastic depth), not differentiated.
     """
+    if torch.jit.is_tracing():  # see _library.run_body
+        return _add_act(x, residual, act, scale)
     return torch.ops.convkernels.add_act(x, residual, act, scale)

@@ -203,5 +203,7 @@ def bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tens
     ``"silu"`` or ``"sigmoid"``) and an optional ``residual`` of x's shape added
     before the activation. ``x`` is ``[N, C, H, W]``, NCHW or channels_last.
     """
-    return torch.ops.convkernels.bn_act(x, running_mean, running_var, weight, bias,
-                                        training, momentum, eps, act, residual)
+    args = (x, running_mean, running_var, weight, bias, training, momentum, eps, act, residual)
+    if torch.jit.is_tracing():  # see _library.run_body
+        return _bn_act(*args)
+    return torch.ops.convkernels.bn_act(*args)

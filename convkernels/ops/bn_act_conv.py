@@ -30,7 +30,7 @@ from ._conv import act_conv, conv2d_backward, empty_conv_out
 from .conv_bn_act import scratch_like, tuning_key
 from ._fold import bn_scale_shift, eval_scale_shift
 from ._library import (define_with_out, into, memory_format, needs_grad, plain_eager,
-                       strided_like, unpack_grads)
+                       run_body, strided_like, unpack_grads)
 from . import batch_stats  # noqa: F401  (registers the op)
 from .bn_act import bn_act_grads, update_running_stats  # noqa: F401
 from .primitives import acc_dtype, bn_input
@@ -267,8 +267,8 @@ def bn_act_conv(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
     args = (x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, act,
             conv_weight, conv_bias, pair(stride, "stride", OP), pair(padding, "padding", OP),
             pair(dilation, "dilation", OP), groups, mean, var)
-    if plain_eager(x, running_mean, running_var, bn_weight, bn_bias, conv_weight, conv_bias, mean,
-                   var, out):  # the composite's body, without the dispatcher round trip
+    if run_body(x, running_mean, running_var, bn_weight, bn_bias, conv_weight, conv_bias, mean,
+                var, out):  # the composite's body, without the dispatcher round trip
         return _bn_act_conv(*args, out=out)
     if out is None:
         return torch.ops.convkernels.bn_act_conv(*args)

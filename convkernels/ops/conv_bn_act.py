@@ -27,7 +27,7 @@ from ._checks import (check_act, check_bn_args, check_conv_args, check_input, ch
 from ._conv import conv2d_backward, conv_act, conv_stats, empty_conv_out
 from ._fold import bn_scale_shift, folded_conv_params
 from ._library import (dense, define_with_out, into, memory_format, needs_grad, plain_eager,
-                       strided_like, unpack_grads)
+                       run_body, strided_like, unpack_grads)
 from .bn_act import bn_act_grads, update_running_stats  # noqa: F401  (registers the op)
 from .primitives import acc_dtype
 
@@ -279,8 +279,8 @@ def conv_bn_act(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
     args = (x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, training,
             momentum, eps, pair(stride, "stride", OP), pair(padding, "padding", OP),
             pair(dilation, "dilation", OP), groups, act, residual)
-    if plain_eager(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,
-                   residual, out):  # the composite's body, without the dispatcher round trip
+    if run_body(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,
+                residual, out):  # the composite's body, without the dispatcher round trip
         return _conv_bn_act(*args, out=out)
     if out is None:
         return torch.ops.convkernels.conv_bn_act(*args)

@@ -119,4 +119,6 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     ``z1``, ``z2`` (``[N, D]`` each, same dtype and device): the mean over the
     2N anchors of ``logsumexp_{j != i} s_ij - s_{i,p(i)}`` with cosine
     similarities ``s`` divided by ``temperature``."""
+    if torch.jit.is_tracing():  # see _library.run_body
+        return _nt_xent_loss(z1, z2, temperature)
     return torch.ops.convkernels.nt_xent_loss(z1, z2, temperature)
