@@ -74,6 +74,15 @@ CASES = [
          hooks=("layer1.0", "layer2.0.conv2", "layer3.1.bn3", "layer4.0.downsample.0"),
          nodes=("layer2", "layer3"), bn="layer3.1.bn2",
          convs=("layer2.0.conv2", "conv1", "layer4.0.conv3"), chain=_RESNET_TRUNK),
+    # the mobile family: Conv2dNormActivation, SE, ResBottleneckBlock joins
+    Case("regnet_y_400mf",
+         hooks=("stem", "trunk_output.block1.block1-0", "trunk_output.block2.block2-0.f.b",
+                "trunk_output.block3.block3-0.f.se", "trunk_output.block4.block4-0.proj"),
+         nodes=("trunk_output.block2", "trunk_output.block3"),
+         bn="trunk_output.block2.block2-0.f.b.1",
+         convs=("trunk_output.block2.block2-0.f.a.0", "stem.0",
+                "trunk_output.block3.block3-0.f.c.0"),
+         chain=("stem", "trunk_output", "avgpool")),
 ]
 
 # -------------------------------------------------------------------- helpers
