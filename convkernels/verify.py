@@ -8,7 +8,10 @@ state before each forward, so dropout draws the same masks), and a float64 train
 step on the CPU (input gradient, every parameter gradient, every running
 statistic afterwards). Errors are ``||a - b|| / ||b||``; tolerances as in
 DESIGN.md's Verification. The models are every name in
-``convkernels.models.__all__`` that torchvision also builds.
+``convkernels.models.__all__`` that torchvision also builds, and the seed
+architectures torchvision lacks (``SEED_INPUTS``), whose reference is the same
+model with its modules' own forwards (``convkernels.unoptimize``): the plain-
+torch modules written from the seeds.
 """
 from __future__ import annotations
 
@@ -26,7 +29,11 @@ TOL = {"fp32": 1e-4, "bf16": 5e-2}
 GRAD_TOL = 1e-6
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # inception_v3's aux head needs 299x299 inputs in training.
-BUILD_KWARGS = {"inception_v3": {"aux_logits": False}}
+BUILD_KWARGS = {"inception_v3": {"aux_logits": False}, "simclr": {"encoder": "resnet18"}}
+# The seed models: (input channels, smallest input size) of their defaults.
+SEED_INPUTS = {"lenet": (1, 28), "lenet_bn": (1, 28), "nin": (1, 224), "highway_net": (1, 28),
+               "regnetx32": (1, 64), "preact_resnet18": (3, 64), "preact_resnet34": (3, 64),
+               "preact_resnet50": (3, 64), "preact_resnet101": (3, 64), "simclr": (3, 64)}
 
 
 @dataclass
@@ -41,28 +48,36 @@ class Row:
 
 
 def model_names() -> list:
-    """Every convkernels builder with a torchvision counterpart."""
+    """Every convkernels builder with a torchvision counterpart, then the seed models."""
     import torchvision
 
     import convkernels.models as ours
 
     tv = set(torchvision.models.list_models())
-    return [n for n in ours.__all__ if n in tv]
+    return [n for n in ours.__all__ if n in tv] + list(SEED_INPUTS)
 
 
 def builders(name: str) -> tuple:
-    """(ours, torchvision's) builder of ``name``."""
+    """(ours, the reference's) builder of ``name``."""
     import torchvision
 
+    import convkernels
     import convkernels.models as ours
 
-    return getattr(ours, name), torchvision.models.get_model_builder(name)
+    build = getattr(ours, name)
+    if name in SEED_INPUTS:
+        return build, lambda **kwargs: convkernels.unoptimize(build(**kwargs))
+    return build, torchvision.models.get_model_builder(name)
 
 
-def _min_size(name: str) -> int:
+def _input(name: str, size: int) -> tuple:
+    """(channels, size) of the input: at least the model's smallest."""
+    if name in SEED_INPUTS:
+        channels, least = SEED_INPUTS[name]
+        return channels, max(size, least)
     import torchvision
 
-    return torchvision.models.get_model_weights(name).DEFAULT.meta["min_size"][0]
+    return 3, max(size, torchvision.models.get_model_weights(name).DEFAULT.meta["min_size"][0])
 
 
 def _randomise_bn(model: nn.Module) -> None:
@@ -132,8 +147,8 @@ def verify_model(name: str, device: str = "cpu", dtype: str = "fp32",
         torch.manual_seed(0)
         ours = build_ours(**kwargs)
     ours.load_state_dict(ref.state_dict())
-    s = max(size, _min_size(name))
-    x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(2))
+    c, s = _input(name, size)
+    x = torch.randn(2, c, s, s, generator=torch.Generator().manual_seed(2))
     row = Row(name, sum(p.numel() for p in ref.parameters()), None, None, None, True)
     tol = TOL[dtype]
     if "train" in modes:  # float64 copies, before the train forwards below update stats

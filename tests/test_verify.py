@@ -38,3 +38,13 @@ def test_a_wrong_builder_fails(monkeypatch):
 def test_unknown_model_is_an_error():
     from convkernels.cli import main
     assert main(["verify", "--models", "no_such_model"]) == 2
+
+
+def test_seed_models_are_verified_against_their_own_modules():
+    """A seed model's reference is its plain-torch modules (unoptimized): the
+    check fails if the fused forward computes something else."""
+    from convkernels import verify
+
+    assert {"lenet", "lenet_bn", "preact_resnet18", "regnetx32"} <= set(verify.model_names())
+    rows, status = verify.run(["lenet_bn", "regnetx32"], "cpu", "fp32", ("eval", "train"), 28)
+    assert status == 0 and all(r.ok for r in rows), rows
