@@ -16,6 +16,7 @@ from torch import nn
 import convkernels
 from convkernels import ops, optimize
 from convkernels.fuse import inception
+from model_checks import assert_grads_and_buffers_match, randomise_bn, rel
 
 # inception_v3's aux head needs 299x299 inputs in training: built without it.
 KWARGS = {"googlenet": {"init_weights": True},
@@ -43,17 +44,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def randomise_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.num_batches_tracked.fill_(3)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model
-
-
 _BASE = {}
 
 
@@ -75,11 +65,6 @@ def inputs(name: str, dtype=torch.float32, seed=1, size=None):
 def flat(y) -> list:
     """The model's output tensors (GoogLeNet's training output is a tuple)."""
     return [t for t in (y if isinstance(y, (tuple, list)) else (y,)) if t is not None]
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
 def close(ys, refs, tol):
@@ -169,15 +154,7 @@ def test_float64_train_step_grads_and_running_stats(name, calls):
     assert calls["conv_bn_act"] == expected
     close(ys_opt, ys_ref, 1e-6)
     assert rel(gx_opt, gx_ref) < 1e-6
-    ref_params = dict(ref.named_parameters())
-    for n, p in opt.named_parameters():
-        assert rel(p.grad, ref_params[n].grad) < 1e-6, n
-    ref_buffers = dict(ref.named_buffers())
-    for n, b in opt.named_buffers():
-        if b.dtype == torch.long:
-            assert torch.equal(b, ref_buffers[n]), n
-        else:
-            assert rel(b, ref_buffers[n]) < 1e-6, n
+    assert_grads_and_buffers_match(opt, ref)
 
 
 # ------------------------------------------------------------ the concatenation

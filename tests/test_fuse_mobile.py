@@ -16,6 +16,7 @@ from torch import nn
 
 import convkernels
 from convkernels import explain, ops, optimize, unoptimize
+from model_checks import assert_grads_and_buffers_match, randomise_bn, rel
 
 SIZE = 64  # the last stage of every model here stays 2x2
 
@@ -29,19 +30,6 @@ def build(name: str) -> nn.Module:
         timm = pytest.importorskip("timm")
         return timm.create_model(name[len("timm_"):])
     return getattr(torchvision.models, name)()
-
-
-def randomise_bn(model: nn.Module) -> nn.Module:
-    """Running statistics and affine parameters away from their init."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(3)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,11 +56,6 @@ def pair(name: str, dtype=torch.float32):
 def inputs(dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, 3, SIZE, SIZE, generator=g, dtype=dtype)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
 def seeded(model, x):
@@ -176,15 +159,7 @@ def test_float64_train_step_grads_and_running_stats(name, calls):
     assert calls == expected(opt, training=True)
     assert rel(y_opt, y_ref) < 1e-6
     assert rel(gx_opt, gx_ref) < 1e-6
-    ref_params = dict(ref.named_parameters())
-    for n, p in opt.named_parameters():
-        assert rel(p.grad, ref_params[n].grad) < 1e-6, n
-    ref_buffers = dict(ref.named_buffers())
-    for n, b in opt.named_buffers():
-        if b.dtype == torch.long:
-            assert torch.equal(b, ref_buffers[n]), n
-        else:
-            assert rel(b, ref_buffers[n]) < 1e-6, n
+    assert_grads_and_buffers_match(opt, ref)
 
 
 def test_stochastic_depth_drops_as_torchvision(calls):

@@ -17,6 +17,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import convkernels
 from convkernels import explain, ops, optimize, unoptimize
+from model_checks import assert_grads_and_buffers_match, randomise_bn, rel
 
 SIZE = 40  # ResNet's last stage stays 2x2 (inputs of 33 to 64 do)
 
@@ -38,21 +39,6 @@ def user_cnn() -> nn.Module:
 
 BUILDERS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50,
             "resnext50_32x4d": torchvision.models.resnext50_32x4d, "user_cnn": user_cnn}
-
-
-def randomise_bn(model: nn.Module) -> nn.Module:
-    """Running statistics and affine parameters away from their init, so that
-    eval is not the identity on BN."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            if m.running_mean is not None:
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(3)
-            if m.affine:
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.uniform_(-0.2, 0.2)
-    return model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,13 +66,6 @@ def pair(name: str, dtype=torch.float32):
 def inputs(dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, 3, SIZE, SIZE, generator=g, dtype=dtype)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||; below 1e-6 the norm is rounding noise (the gradient of a
-    conv bias before a training-mode BN is zero in exact arithmetic)."""
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
 def fused_parts_expected(model: nn.Module) -> int:
@@ -150,15 +129,7 @@ def test_float64_train_step_grads_and_running_stats(name, calls):
     assert calls["total"]() == fused_parts_expected(opt)
     assert rel(y_opt, y_ref) < 1e-6
     assert rel(gx_opt, gx_ref) < 1e-6
-    ref_params = dict(ref.named_parameters())
-    for n, p in opt.named_parameters():
-        assert rel(p.grad, ref_params[n].grad) < 1e-6, n
-    ref_buffers = dict(ref.named_buffers())
-    for n, b in opt.named_buffers():
-        if b.dtype == torch.long:
-            assert torch.equal(b, ref_buffers[n]), n  # num_batches_tracked
-        else:
-            assert rel(b, ref_buffers[n]) < 1e-6, n
+    assert_grads_and_buffers_match(opt, ref)
 
 
 # ------------------------------------------------------------------ identity

@@ -12,6 +12,7 @@ from torch import nn
 
 import convkernels
 from convkernels import models, ops
+from model_checks import assert_grads_and_buffers_match, randomise_bn, rel
 from reference import anynet as ref_anynet
 from reference import highway as ref_highway
 from reference import lenet as ref_lenet
@@ -90,20 +91,6 @@ def calls(monkeypatch):
     return counts
 
 
-def randomise_bn(model: nn.Module) -> nn.Module:
-    """BN statistics and affine parameters away from their init, so that eval
-    is not the identity on BN."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(3)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model
-
-
 _BASE = {}
 
 
@@ -121,13 +108,6 @@ def pair(name: str, dtype=torch.float32):
 def inputs(name: str, dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
     return torch.randn(CASES[name][2], generator=g, dtype=dtype)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||; below 1e-6 the norm is rounding noise (a conv bias
-    before a training-mode BN has a zero gradient in exact arithmetic)."""
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
 def seeded(model, x):
@@ -174,15 +154,7 @@ def test_float64_train_step(name, calls):
     (y_b, gx_b), (y_r, gx_r) = results
     assert rel(y_b, y_r) < 1e-6
     assert rel(gx_b, gx_r) < 1e-6
-    ref_params = dict(ref.named_parameters())
-    for n, p in built.named_parameters():
-        assert rel(p.grad, ref_params[n].grad) < 1e-6, n
-    ref_buffers = dict(ref.named_buffers())
-    for n, b in built.named_buffers():
-        if b.dtype == torch.long:
-            assert torch.equal(b, ref_buffers[n]), n  # num_batches_tracked
-        else:
-            assert rel(b, ref_buffers[n]) < 1e-6, n
+    assert_grads_and_buffers_match(built, ref)
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if CASES[n][3]])
