@@ -1,10 +1,22 @@
-"""Helpers the model test files share: BN state away from its init, the
-relative error, and the float64 train-step comparison of every gradient and
-buffer."""
+"""Helpers the model test files share: one thread per test module, BN state
+away from its init, the relative error, and the float64 train-step comparison
+of every gradient and buffer."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny inputs gain nothing from threads, and on a busy machine OpenMP's
+    waiting threads cost many times the work (measured: 40x). Autouse in each
+    module that imports it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def randomise_bn(model: nn.Module) -> nn.Module:

@@ -24,6 +24,7 @@ from reference import preact_resnet as ref_preact
 pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import digits  # noqa: E402  (examples/digits.py, shared with train_digits.py)
+from model_checks import one_thread  # noqa: F401  (autouse fixture)
 
 # name: (builder, reference, image size, dtype, steps, batch, loss tolerance, fused)
 CASES = {
@@ -35,15 +36,6 @@ CASES = {
                                                          width=8),
                         32, torch.float64, 300, 32, 1e-8, True),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches on a shared 2-core machine: threads cost more than they give."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", list(CASES))

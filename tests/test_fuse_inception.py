@@ -16,7 +16,8 @@ from torch import nn
 import convkernels
 from convkernels import ops, optimize
 from convkernels.fuse import inception
-from model_checks import assert_grads_and_buffers_match, randomise_bn, rel
+from model_checks import (assert_grads_and_buffers_match, one_thread,  # noqa: F401
+                          randomise_bn, rel)
 
 # inception_v3's aux head needs 299x299 inputs in training: built without it.
 KWARGS = {"googlenet": {"init_weights": True},
@@ -34,14 +35,6 @@ TRAIN_SIZE = {"googlenet": 64, "inception_v3": 299}
 def min_size(name: str) -> int:
     """The smallest input torchvision's weights declare for the model."""
     return torchvision.models.get_model_weights(name).DEFAULT.meta["min_size"][0]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 _BASE = {}

@@ -16,7 +16,8 @@ from torch import nn
 
 import convkernels
 from convkernels import explain, ops, optimize, unoptimize
-from model_checks import assert_grads_and_buffers_match, randomise_bn, rel
+from model_checks import (assert_grads_and_buffers_match, one_thread,  # noqa: F401
+                          randomise_bn, rel)
 
 SIZE = 64  # the last stage of every model here stays 2x2
 
@@ -30,15 +31,6 @@ def build(name: str) -> nn.Module:
         timm = pytest.importorskip("timm")
         return timm.create_model(name[len("timm_"):])
     return getattr(torchvision.models, name)()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny inputs gain nothing from threads on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 _BASE = {}

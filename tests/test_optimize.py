@@ -17,7 +17,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import convkernels
 from convkernels import explain, ops, optimize, unoptimize
-from model_checks import assert_grads_and_buffers_match, randomise_bn, rel
+from model_checks import (assert_grads_and_buffers_match, one_thread,  # noqa: F401
+                          randomise_bn, rel)
 
 SIZE = 40  # ResNet's last stage stays 2x2 (inputs of 33 to 64 do)
 
@@ -39,16 +40,6 @@ def user_cnn() -> nn.Module:
 
 BUILDERS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50,
             "resnext50_32x4d": torchvision.models.resnext50_32x4d, "user_cnn": user_cnn}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny inputs gain nothing from threads, and on a busy machine OpenMP's
-    waiting threads cost many times the work (measured: 40x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 _BASE = {}

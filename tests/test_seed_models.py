@@ -12,7 +12,8 @@ from torch import nn
 
 import convkernels
 from convkernels import models, ops
-from model_checks import assert_grads_and_buffers_match, randomise_bn, rel
+from model_checks import (assert_grads_and_buffers_match, one_thread,  # noqa: F401
+                          randomise_bn, rel)
 from reference import anynet as ref_anynet
 from reference import highway as ref_highway
 from reference import lenet as ref_lenet
@@ -68,15 +69,6 @@ CASES = {
                _simclr_reference, (4, 3, 32, 32), {"bn_act_conv": 13, "bn_act": 4},
                "encoder.layer1.0.conv2"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny inputs gain nothing from threads on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

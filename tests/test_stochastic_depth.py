@@ -16,16 +16,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import convkernels
 from convkernels.fuse import resnet as fuse_resnet
+from model_checks import one_thread  # noqa: F401  (autouse fixture)
 
 P = 0.5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def blocks(model):
