@@ -100,25 +100,28 @@ def conv_output_size(op: str, x, weight, stride, padding, dilation) -> tuple:
     return tuple(out)
 
 
-def check_conv_args(op: str, x, weight, bias, groups: int) -> None:
-    """x [N, Cin, H, W], weight [Cout, Cin/groups, KH, KW] of x's dtype and device."""
+def check_conv_args(op: str, x, weight, bias, groups: int, *,
+                    names=("conv_weight", "conv_bias")) -> None:
+    """x [N, Cin, H, W], weight [Cout, Cin/groups, KH, KW] of x's dtype and device;
+    ``names``: the op's names of the weight and bias arguments."""
+    wname, bname = names
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise ValueError(f"{op}: conv_weight must be a 4-D [Cout, Cin/groups, KH, KW] tensor")
+        raise ValueError(f"{op}: {wname} must be a 4-D [Cout, Cin/groups, KH, KW] tensor")
     if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: conv_weight has dtype {weight.dtype} but x has dtype {x.dtype}")
+        raise TypeError(f"{op}: {wname} has dtype {weight.dtype} but x has dtype {x.dtype}")
     if weight.device != x.device:
-        raise ValueError(f"{op}: conv_weight is on {weight.device} but x is on {x.device}")
+        raise ValueError(f"{op}: {wname} is on {weight.device} but x is on {x.device}")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
     cout = weight.size(0)
     if x.size(1) % groups or cout % groups:
         raise ValueError(f"{op}: groups={groups} must divide the {x.size(1)} input channels of x "
-                         f"and the {cout} output channels of conv_weight")
+                         f"and the {cout} output channels of {wname}")
     if weight.size(1) * groups != x.size(1):
-        raise ValueError(f"{op}: conv_weight expects {weight.size(1) * groups} input channels "
+        raise ValueError(f"{op}: {wname} expects {weight.size(1) * groups} input channels "
                          f"({weight.size(1)} per group x {groups} groups) but x has {x.size(1)}")
     if bias is not None:
-        check_vector(op, "conv_bias", bias, cout, f"the {cout} output channels of conv_weight", x)
+        check_vector(op, bname, bias, cout, f"the {cout} output channels of {wname}", x)
 
 
 def check_result_like(op: str, name: str, t, shape: tuple, x) -> None:

@@ -46,6 +46,15 @@ def conv_bn_act(x, conv_weight, conv_bias, running_mean, running_var, bn_weight,
     return bn_act(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, act, residual)
 
 
+def conv_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, act="relu",
+             residual=None):
+    """``act(conv2d(x, weight, bias) [+ residual])``."""
+    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        z = z + residual
+    return activation(z, act)
+
+
 def bn_act_conv(x, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
                 eps=1e-5, act="relu", conv_weight=None, conv_bias=None, stride=1, padding=0,
                 dilation=1, groups=1, stats=None):
