@@ -142,3 +142,68 @@ def test_convert_keeps_parameters_buffers_and_acts():
         assert v is before[k], k
     bn = nn.BatchNorm2d(2)
     assert type(convert_sync_batchnorm(bn)) is SyncBatchNormAct2d
+
+
+# One rank of an optimized model after convert_sync_batchnorm: its half of the
+# batch, two training steps; records the activations the synchronised parts fold.
+_MODEL_RANK = """
+import sys, torch, torch.distributed as dist
+import convkernels
+from convkernels.nn import SyncBatchNormAct2d, convert_sync_batchnorm
+model, x, grad = torch.load(sys.argv[1], weights_only=False)
+rank, out = int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=sys.argv[4], rank=rank, world_size=2)
+folded, synced = [], SyncBatchNormAct2d.synced
+SyncBatchNormAct2d.synced = lambda self, x, act, *a: folded.append(act) or synced(self, x, act, *a)
+model = convert_sync_batchnorm(convkernels.optimize(model)).train()
+half = x.size(0) // 2
+sl = slice(rank * half, (rank + 1) * half)
+xi = x[sl].clone().requires_grad_(True)
+for _ in range(2):
+    y = model(xi)
+    (y * grad[sl]).sum().backward()
+torch.save(dict(y=y.detach(), gx=xi.grad, folded=folded, state=model.state_dict(),
+                grads={n: p.grad for n, p in model.named_parameters()}), out)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_optimized_model_two_gloo_ranks_equal_one_process(tmp_path):
+    """``convkernels.nn.convert_sync_batchnorm`` of an optimized model: its
+    fused parts keep the activation fused with the synchronised BatchNorm
+    (conv -> BN -> ReLU, conv -> BN -> SiLU, BN -> ReLU), and two ranks train
+    as one process on the whole batch with torch's modules (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.SiLU(),
+                          nn.BatchNorm2d(5), nn.ReLU()).double()
+    x = torch.randn(6, 3, 5, 4, dtype=torch.float64)
+    x[3:] = x[3:] * 2 + 1  # the ranks' halves have different statistics
+    grad = torch.randn(6, 5, 5, 4, dtype=torch.float64)
+    torch.save((model, x, grad), tmp_path / "model.pt")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, "-c", _MODEL_RANK, str(tmp_path / "model.pt"),
+                               str(r), str(tmp_path / f"rank{r}.pt"), init],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1",
+                                   "GLOO_SOCKET_IFNAME": "lo"})
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["folded"] == ["relu", "silu", "relu"] * 2
+    ref = model.train()
+    xr = x.clone().requires_grad_(True)
+    for _ in range(2):
+        y = ref(xr)
+        (y * grad).sum().backward()
+    tol = dict(atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), **tol)
+    torch.testing.assert_close(torch.cat([r["gx"] for r in ranks]), xr.grad, **tol)
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(ranks[0]["grads"][n] + ranks[1]["grads"][n], p.grad, **tol)
+    for r in ranks:
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(r["state"][k], v, **tol)

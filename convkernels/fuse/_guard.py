@@ -4,7 +4,7 @@ A fused forward is only allowed where it is the same computation as the
 modules' own forwards. Anything that could make it differ sends the part back to
 the modules: hooks (they would not fire inside a fused op, and what they return
 would be ignored), a submodule that is not exactly the expected class (a
-subclass, SyncBatchNorm, a parametrized module: parametrize swaps the class, a
+subclass, torch's SyncBatchNorm, a parametrized module: parametrize swaps the class, a
 user's replacement), a forward overridden on an instance, conv quirks, tracers
 that record module calls, and inputs the ops do not take. Hooks can be added
 after ``optimize``, so this runs on every call: type checks and dict truthiness
@@ -24,6 +24,7 @@ import torch.nn.modules.module as _module
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..nn.sync_batchnorm import SyncBatchNormAct2d
 from ..ops._checks import FLOAT_DTYPES
 from ._bind import bound
 
@@ -101,9 +102,24 @@ def bn_blocker(bn: nn.Module, expected: type = nn.BatchNorm2d) -> Optional[str]:
     """``expected``: the BatchNorm class the part computes (BatchNorm1d on an
     [N, C] input is BatchNorm2d on its [N, C, 1, 1] view)."""
     # momentum=None, track_running_stats=False, affine=False: bn_args maps them.
-    if type(bn) is not expected:
+    if type(bn) is not expected and not (expected is nn.BatchNorm2d and plain_sync(bn)
+                                         and not bn.synchronises()):
         return _class_blocker(bn, expected)
     return _module_blocker(bn)
+
+
+def plain_sync(bn: nn.Module) -> bool:
+    """A ``convkernels.nn.convert_sync_batchnorm``'d BatchNorm2d: exactly
+    BatchNorm2d unless it synchronises now (see ``_parts.synced``)."""
+    return type(bn) is SyncBatchNormAct2d and bn.act == "identity"
+
+
+def synced_blocker(bn: nn.Module, act: Optional[nn.Module]) -> Optional[str]:
+    """Whether a part whose BatchNorm synchronises may still fold its
+    activation module into the SyncBatchNormAct2d (the conv runs as a module)."""
+    if not (plain_sync(bn) and bn.synchronises()):
+        return "not a synchronising SyncBatchNormAct2d"
+    return context_blocker() or _module_blocker(bn) or act_blocker(act)
 
 
 def act_blocker(act: Optional[nn.Module]) -> Optional[str]:

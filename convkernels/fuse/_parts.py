@@ -1,5 +1,9 @@
 """The fused parts the families are made of: one op when the guard allows it,
-else the modules called one by one, as the original forwards call them."""
+else the modules called one by one, as the original forwards call them. A
+BatchNorm2d that ``convkernels.nn.convert_sync_batchnorm`` made a
+SyncBatchNormAct2d is BatchNorm2d to the op unless it synchronises (training
+in a process group); then the conv runs as a module and the SyncBatchNormAct2d
+computes the activation module's function with its synchronised statistics."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,7 +12,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn._bn_state import bn_args, count_batch
-from ._guard import ACTS, blocker
+from ._guard import ACTS, blocker, synced_blocker
 
 
 def _act_name(act: Optional[nn.Module]) -> str:
@@ -34,6 +38,8 @@ def conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, act: Optional[nn.Modu
     (``out += identity``), so a hook that kept bn's output sees the same."""
     if blocker(x, conv, bn, act, residual) is None:
         return run_conv_bn_act(x, conv, bn, _act_name(act), residual)
+    if synced_blocker(bn, act) is None:
+        return bn.synced(conv(x), _act_name(act), residual)
     y = bn(conv(x))
     if residual is not None:
         y += residual
@@ -48,6 +54,8 @@ def bn_act(x: Tensor, bn: nn.Module, act: nn.Module) -> Tensor:
                        a.momentum, bn.eps, _act_name(act))
         count_batch(bn, a)
         return y
+    if synced_blocker(bn, act) is None:
+        return bn.synced(x, _act_name(act))
     return act(bn(x))
 
 
@@ -60,4 +68,6 @@ def bn_act_conv(x: Tensor, bn: nn.Module, act: nn.Module, conv: nn.Module) -> Te
                             conv.stride, conv.padding, conv.dilation, conv.groups)
         count_batch(bn, a)
         return y
+    if synced_blocker(bn, act) is None:
+        return conv(bn.synced(x, _act_name(act)))
     return conv(act(bn(x)))

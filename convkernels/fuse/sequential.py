@@ -1,5 +1,6 @@
 """Runs inside any ``nn.Sequential``: Conv2d -> BatchNorm2d [-> act] and
-BatchNorm2d -> act, act one of ReLU / SiLU / Sigmoid / Identity (exact classes).
+BatchNorm2d -> act, act one of ReLU / SiLU / Sigmoid / Identity (exact classes;
+the BatchNorm2d may be one convert_sync_batchnorm made a SyncBatchNormAct2d).
 
 The Sequential's forward runs each run as one op and every other child as
 itself. Runs are found on every call, so a Sequential edited after ``optimize``
@@ -9,19 +10,24 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._guard import ACTS
+from ._guard import ACTS, plain_sync
 from ._parts import bn_act, conv_bn_act
 from ._registry import Family, Pattern, register
+
+
+def _is_bn(m: nn.Module) -> bool:
+    """BatchNorm2d, or one convert_sync_batchnorm made a SyncBatchNormAct2d."""
+    return type(m) is nn.BatchNorm2d or plain_sync(m)
 
 
 def _runs(mods: list):
     """(start, stop) of each run in ``mods``, left to right, not overlapping."""
     i, n = 0, len(mods)
     while i + 1 < n:
-        first, second = type(mods[i]), type(mods[i + 1])
-        if first is nn.Conv2d and second is nn.BatchNorm2d:
+        first, second = mods[i], mods[i + 1]
+        if type(first) is nn.Conv2d and _is_bn(second):
             stop = i + 3 if i + 2 < n and type(mods[i + 2]) in ACTS else i + 2
-        elif first is nn.BatchNorm2d and second in ACTS:
+        elif _is_bn(first) and type(second) in ACTS:
             stop = i + 2
         else:
             i += 1

@@ -61,11 +61,23 @@ class SyncBatchNormAct2d(BatchNormAct2d):
                          device=device, dtype=dtype)
         self.process_group = process_group
 
+    def synchronises(self) -> bool:
+        """Whether a forward now normalises with statistics merged over the
+        group (training, more than one process); otherwise this module is
+        exactly :class:`BatchNormAct2d`."""
+        return bn_args(self).training and _group_size(self.process_group) > 1
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        a = bn_args(self)
-        if not a.training or _group_size(self.process_group) == 1:
+        if not self.synchronises():
             return super().forward(x, residual)
+        return self.synced(x, self.act, residual)
+
+    def synced(self, x: Tensor, act: str, residual: Optional[Tensor] = None) -> Tensor:
+        """``act(BN(x) [+ residual])`` on the group's statistics, ``act`` by name:
+        the forward, or a fused part's that folds the activation module after
+        an ``act="identity"`` one (``convkernels.optimize``)."""
         self._check_input_dim(x)
+        a = bn_args(self)
         mean, var, count = synced_batch_stats(x, self.process_group)
         if count <= 1:
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
@@ -79,7 +91,7 @@ class SyncBatchNormAct2d(BatchNormAct2d):
         # act(x * scale + shift) is bn_act in eval with mean 0, var 1 and eps 0:
         # its weight and bias gradients are those of scale and shift.
         zeros, ones = torch.zeros_like(scale), torch.ones_like(scale)
-        y = ops.bn_act(x, zeros, ones, scale, shift, False, 0.0, 0.0, self.act, residual)
+        y = ops.bn_act(x, zeros, ones, scale, shift, False, 0.0, 0.0, act, residual)
         if a.running_mean is not None:
             torch.ops.convkernels.update_running_stats(a.running_mean, a.running_var,
                                                        mean.detach(), var.detach(), a.momentum,
