@@ -118,3 +118,67 @@ def test_torch_compile_keeps_the_fused_ops(monkeypatch):
         compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
         assert _rel(compiled(_x(2)), net(_x(2))) < 1e-5
     assert "reference" not in seen and seen
+
+
+class ConvActNet(nn.Module):
+    """conv_act as a user's own CNN would call it: conv + bias + act, and one
+    with a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = ops.conv_act(x, self.c1.weight, self.c1.bias, padding=1, act="relu")
+        z = ops.conv_act(y, self.c2.weight, self.c2.bias, padding=1, act="sigmoid", residual=y)
+        return z.mean((2, 3))
+
+
+def _conv_act_net(dtype=torch.float32):
+    torch.manual_seed(0)
+    return ConvActNet().to(dtype)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_conv_act_exports_with_dynamic_batch(mode):
+    net = _conv_act_net(torch.float64).train(mode == "train")
+    ep = torch.export.export(net, (_x(2, torch.float64),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=2)}})
+    assert set(_convkernels_ops(ep.graph)) == {"convkernels.conv_act.default"}
+    decomposed = ep.run_decompositions()
+    assert not _convkernels_ops(decomposed.graph)
+    with torch.no_grad():
+        assert _rel(decomposed.module()(_x(4, torch.float64)), net(_x(4, torch.float64))) < 1e-10
+    x = _x(5, torch.float64).requires_grad_(True)
+    got = ep.module()(x)
+    xe = x.detach().clone().requires_grad_(True)
+    want = net(xe)
+    assert _rel(got, want) < 1e-10
+    got.sum().backward()
+    want.sum().backward()
+    assert _rel(x.grad, xe.grad) < 1e-10
+
+
+def test_conv_act_onnx_is_conv_relu_sigmoid():
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    net = _conv_act_net().eval()
+    program = torch.onnx.export(net, (_x(2),), dynamo=True,
+                                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=2)}})
+    used = {node.op_type for node in program.model_proto.graph.node}
+    assert {"Conv", "Relu", "Sigmoid"} <= used, used
+    assert not any("convkernels" in d.domain for d in program.model_proto.opset_import)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: _x(3).numpy()})
+    with torch.no_grad():
+        assert _rel(torch.from_numpy(got), net(_x(3))) < 1e-5
+
+
+def test_conv_act_jit_trace_records_aten_ops():
+    net = _conv_act_net().eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(net, (_x(2),))
+        assert "convkernels::" not in str(traced.inlined_graph)
+        assert _rel(traced(_x(2)), net(_x(2))) < 1e-6

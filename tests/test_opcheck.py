@@ -143,3 +143,34 @@ def test_tracing_records_the_ops(target):
         assert any(c.startswith("convkernels.bn_act_conv") for c in called), called
         assert not any("convolution" in c for c in called), called
         torch.testing.assert_close(gm(x), eval_convs(x))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_conv_act_ops(target):
+    impl = target.backend
+    x, cw, cb = _conv_samples(target.device)
+    r = make((2, 6, 5, 5), torch.float32, target.device, seed=9).requires_grad_(True)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    out = torch.empty(2, 8, 5, 5, device=target.device)[:, 1:7]
+    with on(target):
+        for act in ("relu", "silu"):
+            args = (x, cw, cb, *conv, act, r)
+            opcheck(ops.conv_act.default, args)
+            with torch.no_grad():
+                opcheck(ops.conv_act.out, args, {"out": out})
+            opcheck(ops.conv_act_forward, (x, cw, cb, *conv, act, r, impl))
+        opcheck(ops.conv_act_forward, (x, cw, None, *conv, "identity", None, impl))
+        with torch.no_grad():
+            opcheck(ops.conv_act_eval, (x.detach(), cw.detach(), cb.detach(), *conv, "relu", None,
+                                        impl))
+            opcheck(ops.conv_act_eval_out, (x.detach(), cw.detach(), None, *conv, "sigmoid",
+                                            r.detach(), impl, out))
+        g = torch.randn(2, 6, 5, 5, device=target.device)
+        t = torch.randn(2, 6, 5, 5, device=target.device)
+        xd, cwd = x.detach(), cw.detach()
+        opcheck(ops.conv_act_backward, (g, xd, cwd, t, None, None, *conv, "relu", True,
+                                        [True] * 4, impl))
+        opcheck(ops.conv_act_backward, (g, xd, cwd, t, cb.detach(), r.detach(), *conv, "silu",
+                                        True, [True, False, True, True], impl))
+        opcheck(ops.conv_act_backward, (g, xd, cwd, None, None, None, *conv, "identity", False,
+                                        [True, True, False, False], impl))
