@@ -513,3 +513,104 @@ def test_export_records_the_modules_graph(mode, calls):
     x = inputs(torch.float64, seed=2).repeat(2, 1, 1, 1)  # another batch size
     want = copy.deepcopy(ref)(x)
     assert rel(ep.module()(x), want) < 1e-10
+
+
+# -------------------------------------------- conv -> act without BatchNorm: conv_act
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class ConvkernelsOps(TorchDispatchMode):
+    """Records which convkernels ops run (as tests/test_model_contract.py's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "convkernels":
+            self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def plain_cnn() -> nn.Module:
+    """Conv2d -> act runs without BatchNorm, and a conv that a BN follows."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, stride=2, groups=2), nn.Sigmoid(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 1, bias=False), nn.SiLU(),
+        nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),  # conv_bn_act first
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+# name: (model, input size, conv_act parts)
+CONV_ACT_MODELS = {"plain_cnn": (plain_cnn, 16, 3),
+                   "vgg11_features": (lambda: torchvision.models.vgg11().features, 32, 8),
+                   "alexnet_features": (lambda: torchvision.models.alexnet().features, 63, 5)}
+
+
+def _conv_act_pair(name, dtype=torch.float32):
+    torch.manual_seed(0)
+    ref = randomise_bn(CONV_ACT_MODELS[name][0]()).to(dtype)
+    return ref, optimize(ref)
+
+
+def _conv_act_input(name, dtype=torch.float32, seed=1):
+    s = CONV_ACT_MODELS[name][1]
+    return torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("name", list(CONV_ACT_MODELS))
+def test_conv_act_runs_fused_and_matches(name):
+    ref, opt = _conv_act_pair(name)
+    parts = [p for p in explain(opt).fused if p.op.startswith("conv_act")]
+    assert len(parts) == CONV_ACT_MODELS[name][2], explain(opt)
+    x = _conv_act_input(name)
+    for training in (False, True):
+        ref.train(training), opt.train(training)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad), ConvkernelsOps() as seen:
+                y = opt(x)
+            assert any(op.startswith("convkernels.conv_act") for op in seen.seen), seen.seen
+            with torch.set_grad_enabled(grad):
+                assert rel(y, ref(x)) < 1e-4, (training, grad)
+
+
+@pytest.mark.parametrize("name", list(CONV_ACT_MODELS))
+def test_conv_act_float64_train_step(name):
+    ref, opt = _conv_act_pair(name, torch.float64)
+    x = _conv_act_input(name, torch.float64)
+    with ConvkernelsOps() as seen:
+        y, gx = train_step(opt, x)
+    assert {"convkernels.conv_act_forward.default",
+            "convkernels.conv_act_backward.default"} <= seen.seen, seen.seen
+    y_ref, gx_ref = train_step(ref, x)
+    assert rel(y, y_ref) < 1e-6
+    assert rel(gx, gx_ref) < 1e-6
+    assert_grads_and_buffers_match(opt, ref)
+
+
+def test_conv_act_hook_runs_that_part_unfused():
+    """A forward hook on a conv: that conv and its ReLU run as modules (the
+    hook fires once, with the conv's output, and what it returns is used);
+    the other parts stay fused."""
+    name = "vgg11_features"
+    ref, opt = _conv_act_pair(name)
+    x = _conv_act_input(name)
+    fired = {"ref": [], "opt": []}
+    for key, model in (("ref", ref), ("opt", opt)):
+        model[3].register_forward_hook(
+            lambda m, args, out, rec=fired[key]: (rec.append(out.detach().clone()), out * 2)[1])
+    report = explain(opt)
+    left = [p for p in report.left if "3" in p.covers]
+    assert left and "has a forward hook" in left[0].reason, report
+    assert len(report.fused) == CONV_ACT_MODELS[name][2] - 1
+    ref.eval(), opt.eval()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), ConvkernelsOps() as seen:
+            y = opt(x)
+        assert any(op.startswith("convkernels.conv_act") for op in seen.seen)
+        with torch.set_grad_enabled(grad):
+            assert rel(y, ref(x)) < 1e-4
+    assert len(fired["opt"]) == len(fired["ref"]) == 2  # once a forward
+    for a, b in zip(fired["opt"], fired["ref"]):
+        assert rel(a, b) < 1e-6

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn._bn_state import bn_args, count_batch
-from ._guard import ACTS, blocker, synced_blocker
+from ._guard import (ACTS, act_blocker, blocker, context_blocker, conv_blocker, input_blocker,
+                     synced_blocker)
 
 
 def _act_name(act: Optional[nn.Module]) -> str:
@@ -44,6 +45,16 @@ def conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, act: Optional[nn.Modu
     if residual is not None:
         y += residual
     return y if act is None else act(y)
+
+
+def conv_act(x: Tensor, conv: nn.Module, act: nn.Module) -> Tensor:
+    """``act(conv(x))``, a conv without BatchNorm (VGG, AlexNet, LeNet, NiN):
+    ``blocker``'s checks, less the BatchNorm's."""
+    if (context_blocker() or conv_blocker(conv) or act_blocker(act)
+            or input_blocker(x, conv.weight)) is None:
+        return ops.conv_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                            conv.groups, _act_name(act))
+    return act(conv(x))
 
 
 def bn_act(x: Tensor, bn: nn.Module, act: nn.Module) -> Tensor:

@@ -18,10 +18,11 @@ Named = tuple  # (name relative to the bound module, module)
 
 @dataclass(frozen=True)
 class Pattern:
-    """One part a fused forward computes: ``[conv ->] bn [-> act] [+ residual]``,
-    each a ``Named`` submodule (or None), for the report."""
+    """One part a fused forward computes: ``[conv ->] [bn ->] [act] [+ residual]``,
+    each a ``Named`` submodule (or None), for the report; a conv or a bn at least
+    (without bn: conv_act)."""
     conv: Optional[Named]
-    bn: Named
+    bn: Optional[Named]
     act: Optional[Named]
     residual: bool = False
     bn_class: type = nn.BatchNorm2d  # the BatchNorm class the part computes

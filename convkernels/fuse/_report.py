@@ -50,7 +50,7 @@ def _qualify(prefix: str, name: str) -> str:
 
 def _op(p: Pattern) -> str:
     act = "identity" if p.act is None else _guard.ACTS.get(type(p.act[1]), type(p.act[1]).__name__)
-    name = "bn_act" if p.conv is None else "conv_bn_act"
+    name = "bn_act" if p.conv is None else "conv_act" if p.bn is None else "conv_bn_act"
     return f"{name}(act={act!r}{', residual' if p.residual else ''})"
 
 

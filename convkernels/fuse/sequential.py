@@ -1,6 +1,8 @@
-"""Runs inside any ``nn.Sequential``: Conv2d -> BatchNorm2d [-> act] and
-BatchNorm2d -> act, act one of ReLU / SiLU / Sigmoid / Identity (exact classes;
-the BatchNorm2d may be one convert_sync_batchnorm made a SyncBatchNormAct2d).
+"""Runs inside any ``nn.Sequential``: Conv2d -> BatchNorm2d [-> act],
+BatchNorm2d -> act and Conv2d -> act (no BatchNorm: VGG, AlexNet, LeNet, NiN),
+act one of ReLU / SiLU / Sigmoid / Identity (exact classes; the BatchNorm2d may
+be one convert_sync_batchnorm made a SyncBatchNormAct2d). A Conv2d followed by
+a BatchNorm2d is that conv's run, whatever comes after the BatchNorm2d.
 
 The Sequential's forward runs each run as one op and every other child as
 itself. Runs are found on every call, so a Sequential edited after ``optimize``
@@ -11,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._guard import ACTS, plain_sync
-from ._parts import bn_act, conv_bn_act
+from ._parts import bn_act, conv_act, conv_bn_act
 from ._registry import Family, Pattern, register
 
 
@@ -27,7 +29,7 @@ def _runs(mods: list):
         first, second = mods[i], mods[i + 1]
         if type(first) is nn.Conv2d and _is_bn(second):
             stop = i + 3 if i + 2 < n and type(mods[i + 2]) in ACTS else i + 2
-        elif _is_bn(first) and type(second) in ACTS:
+        elif (_is_bn(first) or type(first) is nn.Conv2d) and type(second) in ACTS:
             stop = i + 2
         else:
             i += 1
@@ -43,10 +45,12 @@ def sequential_forward(seq: nn.Sequential, input):
         for m in mods[done:start]:
             input = m(input)
         run = mods[start:stop]
-        if type(run[0]) is nn.Conv2d:
+        if type(run[0]) is not nn.Conv2d:
+            input = bn_act(input, run[0], run[1])
+        elif _is_bn(run[1]):
             input = conv_bn_act(input, run[0], run[1], run[2] if len(run) == 3 else None)
         else:
-            input = bn_act(input, run[0], run[1])
+            input = conv_act(input, run[0], run[1])
         done = stop
     for m in mods[done:]:
         input = m(input)
@@ -58,10 +62,12 @@ def _patterns(seq: nn.Sequential) -> list:
     patterns = []
     for start, stop in _runs([m for _, m in items]):
         run = items[start:stop]
-        if type(run[0][1]) is nn.Conv2d:
+        if type(run[0][1]) is not nn.Conv2d:
+            patterns.append(Pattern(None, run[0], run[1]))
+        elif _is_bn(run[1][1]):
             patterns.append(Pattern(run[0], run[1], run[2] if len(run) == 3 else None))
         else:
-            patterns.append(Pattern(None, run[0], run[1]))
+            patterns.append(Pattern(run[0], None, run[1]))
     return patterns
 
 

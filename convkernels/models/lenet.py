@@ -8,8 +8,9 @@ Both are one ``nn.Sequential`` named ``net``, as the seeds have it. In
 ``lenet_bn`` the conv -> BatchNorm2d -> sigmoid runs are fused by the
 Sequential family (``conv_bn_act``); each dense layer with its BatchNorm1d and
 sigmoid is a ``LinearBNAct``, whose BatchNorm1d -> act runs as ``bn_act`` on the
-[N, C, 1, 1] view (``fuse.dense1d``). ``lenet`` has no BatchNorm: no op computes
-conv -> sigmoid or linear -> sigmoid alone, so nothing in it is fused.
+[N, C, 1, 1] view (``fuse.dense1d``). ``lenet`` has no BatchNorm: its two
+conv -> sigmoid runs are each one ``conv_act`` (the Sequential family); its
+dense layers run as plain torch (no op computes linear -> sigmoid).
 """
 from __future__ import annotations
 

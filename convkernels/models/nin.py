@@ -7,8 +7,8 @@ The defaults are the seeds' (96, 256, 384 channels; an 11x11/4 first conv, for
 224x224 inputs). ``widths`` and ``first_conv`` (kernel, stride, padding) make
 small models for small images. With ``batch_norm=True`` each conv gets a
 BatchNorm2d before its ReLU, and each conv -> BN -> ReLU runs as one
-``conv_bn_act`` (the Sequential family); without BatchNorm no op computes
-conv -> ReLU alone, so the seeds' NiN runs as plain torch.
+``conv_bn_act`` (the Sequential family); without BatchNorm, as in the seeds,
+each conv -> ReLU runs as one ``conv_act``.
 """
 from __future__ import annotations
 

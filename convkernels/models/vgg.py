@@ -3,8 +3,9 @@
 Each builder is torchvision's followed by ``optimize(inplace=True)`` (see
 ``models.resnet``). ``features`` is an ``nn.Sequential``: in the ``_bn``
 variants the sequential family runs each Conv2d -> BatchNorm2d -> ReLU as one
-``conv_bn_act``. Conv2d -> ReLU without BN (alexnet, vgg11..vgg19) stays
-torchvision's: no public fused op computes conv + bias + ReLU with autograd.
+``conv_bn_act``; without BN (alexnet, vgg11..vgg19) each Conv2d -> ReLU runs
+as one ``conv_act`` (conv + bias + ReLU). The classifiers (Linear, ReLU,
+Dropout) stay torchvision's.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ __all__ = ["alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_
 
 
 def alexnet(*, weights=None, progress: bool = True, **kwargs: Any):
-    """torchvision's ``alexnet`` (nothing fuses: its convs have no BN)."""
+    """torchvision's ``alexnet`` with fused forwards (its five conv -> ReLU as ``conv_act``)."""
     return _build("alexnet", weights, progress, kwargs, module="alexnet")
 
 
