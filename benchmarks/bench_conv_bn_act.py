@@ -1,24 +1,30 @@
-"""conv_bn_act benchmark: per-layer fused conv + BN + ReLU of ResNet-50 and DenseNet-121.
+"""conv_bn_act benchmark: per-layer fused conv + BN + ReLU of ResNet-50 and DenseNet-121,
+and conv + bias + ReLU of VGG-16 and AlexNet.
 
-Two patterns, from the models' own layers (shapes.py, forward hooks on a meta model):
+Three patterns, from the models' own layers (shapes.py, forward hooks on a meta model;
+VGG-16's and AlexNet's from CONV_ACT_CONVS here):
 
 * ``conv_bn_relu``: ``relu(batch_norm(conv2d(x)))`` -> ``convkernels.ops.conv_bn_act``
   (every ResNet-50 conv, DenseNet-121's stem);
 * ``bn_relu_conv``: ``conv2d(relu(batch_norm(x)))`` -> ``convkernels.ops.bn_act_conv``
-  (DenseNet-121's norm -> relu -> conv units, BN over the conv's input channels).
+  (DenseNet-121's norm -> relu -> conv units, BN over the conv's input channels);
+* ``conv_relu``: ``relu(conv2d(x, w, b))`` -> ``convkernels.ops.conv_act`` (every conv of
+  VGG-16's and AlexNet's features; eager is F.conv2d + F.relu).
 
 Variants: ``eager`` (F.conv2d / F.batch_norm / F.relu), ``compile`` (torch.compile of
 that eager code; eval: of an nn.Module owning the parameters, called under no_grad
 with ``torch._inductor.config.freezing = True``, so inductor may fold BN into the
 conv and prepack weights), ``convkernels-<backend>`` (auto; on CUDA also triton and
-cuda). No conv bias (as in both models).
+cuda). No conv bias in conv_bn_relu / bn_relu_conv (as in ResNet-50 and DenseNet-121), a
+conv bias in conv_relu (as in VGG and AlexNet).
 
 Modes (``--conv-modes``): ``eval`` fwd under no_grad at ``--batch`` (32), ``eval1``
 the same at batch 1, ``train`` fwd+bwd at ``--batch``: batch statistics, running
 stats updated in place, autograd.grad w.r.t. x, conv weight, BN weight and bias with
-a fixed grad_y. Quick (default): eval at batch 32 on QUICK_CONVS (5 ResNet-50
-convs, 2 DenseNet units); ``--full``: every distinct conv shape, all three modes;
-``--conv-models resnet50`` keeps one model's shapes.
+a fixed grad_y (conv_relu: x, conv weight and bias). Quick (default): eval at batch 32
+on QUICK_CONVS (5 ResNet-50 convs, 2 DenseNet units) and 3 conv_relu convs (AlexNet's
+11x11/4 stem and a 13x13 3x3, VGG-16's 14x14 3x3); ``--full``: every distinct conv
+shape, all three modes; ``--conv-models resnet50`` keeps one model's shapes.
 Layout / dtype defaults: CPU fp32, nchw (``--full``: nchw and cl); CUDA bf16, cl.
 
 FLOPs (TFLOP/s = flops / median): 2*N*Cout*OH*OW*Cin/groups*k*k per forward, x3
@@ -46,7 +52,45 @@ import timing  # noqa: E402
 BENCH = "conv_bn_act"
 SUMMARY_BENCH = "conv_bn_act_geomean"
 EPS, MOMENTUM = 1e-5, 0.1
-OP_NAMES = {"conv_bn_act": "conv_bn_relu", "bn_act_conv": "bn_relu_conv"}
+OP_NAMES = {"conv_bn_act": "conv_bn_relu", "bn_act_conv": "bn_relu_conv", "conv_act": "conv_relu"}
+CONV_MODELS = ("resnet50", "densenet121", "vgg16", "alexnet")
+
+# conv -> ReLU without BN (conv_act): every distinct conv of torchvision's vgg16 and
+# alexnet features at 224x224, as (Cin, H, W, Cout, k, stride, padding, groups),
+# model, first layer, count, in quick mode.
+CONV_ACT_CONVS = [
+    ((3, 224, 224, 64, 11, 4, 2, 1), "alexnet", "features.0", 1, True),
+    ((64, 27, 27, 192, 5, 1, 2, 1), "alexnet", "features.3", 1, False),
+    ((192, 13, 13, 384, 3, 1, 1, 1), "alexnet", "features.6", 1, False),
+    ((384, 13, 13, 256, 3, 1, 1, 1), "alexnet", "features.8", 1, True),
+    ((256, 13, 13, 256, 3, 1, 1, 1), "alexnet", "features.10", 1, False),
+    ((3, 224, 224, 64, 3, 1, 1, 1), "vgg16", "features.0", 1, False),
+    ((64, 224, 224, 64, 3, 1, 1, 1), "vgg16", "features.2", 1, False),
+    ((64, 112, 112, 128, 3, 1, 1, 1), "vgg16", "features.5", 1, False),
+    ((128, 112, 112, 128, 3, 1, 1, 1), "vgg16", "features.7", 1, False),
+    ((128, 56, 56, 256, 3, 1, 1, 1), "vgg16", "features.10", 1, False),
+    ((256, 56, 56, 256, 3, 1, 1, 1), "vgg16", "features.12", 2, False),
+    ((256, 28, 28, 512, 3, 1, 1, 1), "vgg16", "features.17", 1, False),
+    ((512, 28, 28, 512, 3, 1, 1, 1), "vgg16", "features.19", 2, False),
+    ((512, 14, 14, 512, 3, 1, 1, 1), "vgg16", "features.24", 3, True),
+]
+
+
+def conv_act_shapes(batch: int, full: bool) -> list:
+    """CONV_ACT_CONVS at ``batch`` as the entries shapes.conv_shapes returns."""
+    return [{"spec": (batch,) + chw, "pattern": "conv_act", "models": [model], "count": count,
+             "layer": f"{model}.{layer}"}
+            for chw, model, layer, count, quick in CONV_ACT_CONVS if full or quick]
+
+
+def parse_conv_shapes(spec: str, batch: int) -> list:
+    """shapes.parse_conv_shapes, where a trailing ``act`` makes a conv -> ReLU (conv_act)."""
+    out = []
+    for part in filter(None, spec.replace(" ", "").split(";")):
+        act = part.endswith(",act")
+        for e in shapes_mod.parse_conv_shapes(part[:-4] if act else part, batch):
+            out.append(dict(e, pattern="conv_act") if act else e)
+    return out
 # --conv-modes name -> (batch: None = --batch, mode, direction)
 MODES = OrderedDict([("eval", (None, "eval", "fwd")), ("eval1", (1, "eval", "fwd")),
                      ("train", (None, "train", "fwd+bwd"))])
@@ -63,11 +107,20 @@ def bn_relu_conv(x, w, bn_w, bn_b, rm, rv, training, stride, padding, groups):
     return F.conv2d(t, w, None, stride, padding, 1, groups)
 
 
-EAGER = {"conv_bn_act": conv_bn_relu, "bn_act_conv": bn_relu_conv}
+def conv_relu(x, w, b, stride, padding, groups):
+    return F.relu(F.conv2d(x, w, b, stride, padding, 1, groups))
 
 
-def fused_call(pattern, x, w, bn_w, bn_b, rm, rv, training, stride, padding, groups):
+EAGER = {"conv_bn_act": conv_bn_relu, "bn_act_conv": bn_relu_conv, "conv_act": conv_relu}
+
+
+def fused_call(pattern, x, *args):
+    """The convkernels op of ``pattern`` on EAGER[pattern]'s arguments."""
     ops = common.ck.ops
+    if pattern == "conv_act":
+        w, b, stride, padding, groups = args
+        return ops.conv_act(x, w, b, stride, padding, 1, groups, "relu")
+    w, bn_w, bn_b, rm, rv, training, stride, padding, groups = args
     if pattern == "conv_bn_act":
         return ops.conv_bn_act(x, w, None, rm, rv, bn_w, bn_b, training, MOMENTUM, EPS, stride,
                                padding, 1, groups, "relu", None)
@@ -84,18 +137,22 @@ TIE = 2e-5
 def untie_relu(pattern, stride, padding, groups):
     """``Case.untie`` for a train case: on float64 inputs, takes every ReLU input
     within TIE of 0 out of play. conv_bn_relu: grad_y is zeroed there (the
-    element's gradient no longer depends on the side). bn_relu_conv: x is moved so
-    that its BN output sits at +-2*TIE*max instead (the batch statistics move by
-    O(TIE/count)). Returns how many inputs were ties."""
+    element's gradient no longer depends on the side); conv_relu likewise.
+    bn_relu_conv: x is moved so that its BN output sits at +-2*TIE*max instead (the
+    batch statistics move by O(TIE/count)). Returns how many inputs were ties."""
     def untie(inp: dict) -> int:
         with torch.no_grad():
-            x, bn_w, bn_b = inp["x"], inp["bn_weight"], inp["bn_bias"]
-            if pattern == "conv_bn_act":
-                x = F.conv2d(x, inp["conv_weight"], None, stride, padding, 1, groups)
-            z = F.batch_norm(x, None, None, bn_w, bn_b, True, 0.0, EPS)
+            x = inp["x"]
+            if pattern == "conv_act":
+                z = F.conv2d(x, inp["conv_weight"], inp["conv_bias"], stride, padding, 1, groups)
+            else:
+                bn_w, bn_b = inp["bn_weight"], inp["bn_bias"]
+                if pattern == "conv_bn_act":
+                    x = F.conv2d(x, inp["conv_weight"], None, stride, padding, 1, groups)
+                z = F.batch_norm(x, None, None, bn_w, bn_b, True, 0.0, EPS)
             lim = TIE * z.abs().max()
             tie = z.abs() < lim
-            if pattern == "conv_bn_act":
+            if pattern != "bn_act_conv":
                 inp["grad_y"].masked_fill_(tie, 0.0)
             else:
                 var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
@@ -115,12 +172,17 @@ class EvalUnit(nn.Module):
         self.pattern = pattern
         self.stride, self.padding, self.groups = spec[6], spec[7], spec[8]
         self.weight = nn.Parameter(base["conv_weight"])
+        if pattern == "conv_act":
+            self.bias = nn.Parameter(base["conv_bias"])
+            return
         self.bn_weight = nn.Parameter(base["bn_weight"])
         self.bn_bias = nn.Parameter(base["bn_bias"])
         self.register_buffer("running_mean", base["running_mean"])
         self.register_buffer("running_var", base["running_var"])
 
     def _args(self):
+        if self.pattern == "conv_act":
+            return self.weight, self.bias, self.stride, self.padding, self.groups
         return (self.weight, self.bn_weight, self.bn_bias, self.running_mean, self.running_var,
                 False, self.stride, self.padding, self.groups)
 
@@ -170,9 +232,12 @@ def make_base(entry, layout, dtype, device) -> dict:
         conv_weight=common.randn((cout, cin // groups, k, k), dtype, device, layout,
                                  scale=fan_in ** -0.5, gen=g),
         grad_y=common.randn((n, cout, oh, ow), dtype, device, layout, gen=g),
-        bn_weight=vec(0.1, 1.0), bn_bias=vec(0.1, 0.0), running_mean=vec(0.1, mu),
-        running_var=((torch.rand(c, generator=g) * 0.2 + 0.9) * var).to(device),
     )
+    if pattern == "conv_act":
+        b["conv_bias"] = vec(0.1, 0.0).to(dtype)
+    else:
+        b.update(bn_weight=vec(0.1, 1.0), bn_bias=vec(0.1, 0.0), running_mean=vec(0.1, mu),
+                 running_var=((torch.rand(c, generator=g) * 0.2 + 0.9) * var).to(device))
     b["module"] = EvalUnit(pattern, spec, b).eval()
     return b
 
@@ -202,15 +267,15 @@ def build_cases(args, device) -> list:
         by_batch.setdefault(batch or args.batch, []).append((mode, direction))
     for batch, modes in by_batch.items():
         if args.conv_shapes:
-            table = shapes_mod.parse_conv_shapes(args.conv_shapes, batch)
+            table = parse_conv_shapes(args.conv_shapes, batch)
         else:
-            table = shapes_mod.conv_shapes(batch, args.full)
+            table = shapes_mod.conv_shapes(batch, args.full) + conv_act_shapes(batch, args.full)
             if args.conv_models:
                 wanted = set(args.conv_models.split(","))
-                unknown = wanted - {"resnet50", "densenet121"}
+                unknown = wanted - set(CONV_MODELS)
                 if unknown:
                     raise SystemExit(f"unknown --conv-models {sorted(unknown)}; expected "
-                                     "resnet50, densenet121")
+                                     + ", ".join(CONV_MODELS))
                 table = [e for e in table if wanted & set(e["models"])]
         meta = OrderedDict(((e["spec"], e["pattern"]), e) for e in table)
         for entry, layout, dtype, base in common.case_grid(list(meta), args, device, make_base,
@@ -228,27 +293,33 @@ def build_cases(args, device) -> list:
                 note = (f"{e['layer']} x{e['count']}; flops 2*N*Cout*OH*OW*Cin/g*k*k"
                         + (" x3" if direction == "fwd+bwd" else ""))
                 if train:
-                    names = ["x", "conv_weight", "bn_weight", "bn_bias", "running_mean",
-                             "running_var", "grad_y"]
-                    diff = ("x", "conv_weight", "bn_weight", "bn_bias")
+                    if pattern == "conv_act":
+                        diff, state = ("x", "conv_weight", "conv_bias"), ()
+                    else:
+                        diff = ("x", "conv_weight", "bn_weight", "bn_bias")
+                        state = ("running_mean", "running_var")
+                    names = [*diff, *state, "grad_y"]
 
                     def make_inputs(base=base, names=names, diff=diff):
                         return common.clone_inputs(base(), names, diff)
 
-                    def args_of(inp):
-                        return (inp["x"], inp["conv_weight"], inp["bn_weight"], inp["bn_bias"],
-                                inp["running_mean"], inp["running_var"], True)
+                    # EAGER's arguments: the differentiated tensors, the state, training=True
+                    def args_of(inp, names=diff + state,
+                                training=() if pattern == "conv_act" else (True,)):
+                        return (*(inp[n] for n in names), *training)
 
-                    def eager(inp, f=EAGER[pattern], s=stride, p=padding, gr=groups):
+                    def eager(inp, f=EAGER[pattern], s=stride, p=padding, gr=groups,
+                              args_of=args_of):
                         return f(*args_of(inp), s, p, gr)
 
-                    def fused(inp, pat=pattern, s=stride, p=padding, gr=groups):
+                    def fused(inp, pat=pattern, s=stride, p=padding, gr=groups,
+                              args_of=args_of):
                         return fused_call(pat, *args_of(inp), s, p, gr)
 
                     cases.append(common.Case(
                         bench=BENCH, case=case, make_inputs=make_inputs, eager=eager,
                         fused=fused, direction=direction, grad_mode=True, nbytes=None,
-                        dtype=dtype, diff=diff, state=("running_mean", "running_var"),
+                        dtype=dtype, diff=diff, state=state,
                         compile_key=(entry, layout, dtype, mode), note=note, flops=flops,
                         extra=extra, untie=untie_relu(pattern, stride, padding, groups)))
                 else:
