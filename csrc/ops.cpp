@@ -59,6 +59,10 @@ TORCH_LIBRARY(convkernels_C, m) {
   m.def(
       "add_act_backward(Tensor grad_y, Tensor x, Tensor residual, Tensor? scale, str act, "
       "bool need_grad_x, bool need_grad_residual) -> (Tensor grad_x, Tensor grad_residual)");
+  m.def("highway_gate_forward(Tensor h, Tensor gate, Tensor x) -> Tensor");
+  m.def(
+      "highway_gate_backward(Tensor grad_y, Tensor h, Tensor gate, Tensor x, bool need_grad_h, "
+      "bool need_grad_gate, bool need_grad_x) -> (Tensor grad_h, Tensor grad_gate, Tensor grad_x)");
   m.def("nt_xent_forward(Tensor z, float temperature) -> (Tensor row_loss, Tensor lse)");
   m.def("nt_xent_backward(Tensor grad, Tensor z, Tensor lse, float temperature) -> Tensor");
 }

@@ -10,6 +10,7 @@ from .bn_act import bn_act
 from .bn_act_conv import bn_act_conv
 from .conv_act import conv_act
 from .conv_bn_act import conv_bn_act
+from .highway_gate import highway_gate
 from .nt_xent import nt_xent_loss
 
-__all__ = ["add_act", "batch_stats", "bn_act", "bn_act_conv", "conv_act", "conv_bn_act", "nt_xent_loss", "reference"]
+__all__ = ["add_act", "batch_stats", "bn_act", "bn_act_conv", "conv_act", "conv_bn_act", "highway_gate", "nt_xent_loss", "reference"]

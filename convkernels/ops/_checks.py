@@ -27,16 +27,17 @@ def check_input(op: str, x: torch.Tensor, name: str = "x") -> None:
         raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
-def check_like(op: str, name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
-    """``t`` (if given) must have x's shape, dtype and device."""
+def check_like(op: str, name: str, t: Optional[torch.Tensor], x: torch.Tensor,
+               ref: str = "x") -> None:
+    """``t`` (if given) must have x's shape, dtype and device; ``ref``: x's name."""
     if t is None:
         return
     if tuple(t.shape) != tuple(x.shape):
-        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but x has shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but {ref} has shape {tuple(x.shape)}")
     if t.dtype != x.dtype:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref} has dtype {x.dtype}")
     if t.device != x.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref} is on {x.device}")
 
 
 def check_vector(op: str, name: str, t: Optional[torch.Tensor], size: int, what: str,

@@ -56,6 +56,17 @@ add_act_backward(grad_y, x, residual, scale, act, need_grad_x, need_grad_residua
     With ``gz = grad_y * act'(residual + scale[n] * x)``:
     ``grad_x = scale[n] * gz`` and ``grad_residual = gz``; None if not asked for.
 
+highway_gate_forward(h, gate, x) -> y
+    ``y = h * t + x * (1 - t)`` with ``t = sigmoid(gate)`` (computed in that
+    form, as the eager formula rounds; no parameters: any dense layout is a
+    flat range).
+
+highway_gate_backward(grad_y, h, gate, x, need_grad_h, need_grad_gate, need_grad_x)
+    -> (grad_h, grad_gate, grad_x)
+    With t recomputed from gate: ``grad_h = grad_y * t``, ``grad_x = grad_y * (1 - t)``,
+    ``grad_gate = (grad_y * h - grad_y * x) * (1 - t) * t`` (autograd's order); None
+    if not asked for.
+
 The NT-Xent primitives take ``z``: the stacked views ``[M, D]`` (M = 2N even),
 contiguous, of one floating dtype, with ``u_i = z_i / max(|z_i|, 1e-12)``
 (F.normalize's eps), ``s_ij = <u_i, u_j> / temperature`` and ``p(i) = (i + M/2) % M``.
@@ -86,6 +97,8 @@ NAMES = (
     "bn_act_backward_apply",
     "add_act_forward",
     "add_act_backward",
+    "highway_gate_forward",
+    "highway_gate_backward",
     "nt_xent_forward",
     "nt_xent_backward",
 )

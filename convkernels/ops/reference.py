@@ -91,3 +91,10 @@ def nt_xent_loss(z1, z2, temperature=0.5):
     sim = sim.masked_fill(eye, float("-inf"))
     rows = torch.arange(2 * n, device=u.device)
     return (torch.logsumexp(sim, dim=1) - sim[rows, (rows + n) % (2 * n)]).mean()
+
+
+def highway_gate(h, gate, x):
+    """``h * t + x * (1 - t)``, ``t = sigmoid(gate)``: a highway layer's gate
+    combination, in the eager formula's own form (so it rounds as it does)."""
+    t = torch.sigmoid(gate)
+    return h * t + x * (1 - t)
