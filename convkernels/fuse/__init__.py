@@ -16,7 +16,7 @@ from torch import nn
 
 # Importing a family registers it: torchvision's, timm's, then the seed models'.
 from . import densenet, inception, mobile, resnet, sequential, timm  # noqa: F401
-from . import anynet, dense1d, preact  # noqa: F401
+from . import anynet, dense1d, highway, preact  # noqa: F401
 from ._bind import bind, mark_scriptable, unbind
 from ._registry import family_of
 from ._report import Part, Report, explain

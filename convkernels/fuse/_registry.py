@@ -20,12 +20,17 @@ Named = tuple  # (name relative to the bound module, module)
 class Pattern:
     """One part a fused forward computes: ``[conv ->] [bn ->] [act] [+ residual]``,
     each a ``Named`` submodule (or None), for the report; a conv or a bn at least
-    (without bn: conv_act)."""
+    (without bn: conv_act), or an ``op`` of another kind named as such (its
+    ``act`` the module it computes, e.g. highway_gate's sigmoid)."""
     conv: Optional[Named]
     bn: Optional[Named]
     act: Optional[Named]
     residual: bool = False
     bn_class: type = nn.BatchNorm2d  # the BatchNorm class the part computes
+    op: str = ""  # the op's name where it is none of conv_act, bn_act, conv_bn_act
+    # the act module's call-time check where it is not _guard.act_blocker (an op
+    # that computes one act class only)
+    act_blocker: Optional[Callable] = None
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ def _qualify(prefix: str, name: str) -> str:
 
 
 def _op(p: Pattern) -> str:
+    if p.op:
+        return p.op
     act = "identity" if p.act is None else _guard.ACTS.get(type(p.act[1]), type(p.act[1]).__name__)
     name = "bn_act" if p.conv is None else "conv_act" if p.bn is None else "conv_bn_act"
     return f"{name}(act={act!r}{', residual' if p.residual else ''})"
@@ -57,7 +59,7 @@ def _op(p: Pattern) -> str:
 def _pattern_part(prefix: str, p: Pattern, family: str) -> Part:
     checks = ((p.conv, _guard.conv_blocker),
               (p.bn, partial(_guard.bn_blocker, expected=p.bn_class)),
-              (p.act, _guard.act_blocker))
+              (p.act, p.act_blocker or _guard.act_blocker))
     # The bound module itself (name ''; e.g. timm's BatchNormAct2d) is its family's
     # class by construction, and its own hooks run around the fused forward.
     present = [(_qualify(prefix, named[0]), named[1], check if named[0] else lambda m: None)

@@ -10,10 +10,11 @@ conv -> BN -> ReLU stem maps the input to ``width`` channels; the head is
 global average pooling and a linear classifier.
 
 Fused: H and the stem run as one ``conv_bn_act`` each (the Sequential family;
-``batch_norm=False`` gives the paper's plain conv -> ReLU transform, which no op
-computes). The gate and the combination run as plain torch: no op computes
-conv -> sigmoid without BN, and ``add_act``'s scale is one number per sample,
-not T's one per element.
+``batch_norm=False`` gives the paper's plain conv -> ReLU transform, which runs
+as one ``conv_act``). In each layer the gate's sigmoid and the combination
+H T + x (1 - T) run as one ``highway_gate`` on the gate conv's output, which
+runs as the conv module (``fuse/highway.py``; ``HighwayLayer.forward`` below is
+the layer's own computation, which hooks on ``gate_act``, FX and export get).
 """
 from __future__ import annotations
 
