@@ -182,3 +182,55 @@ def test_conv_act_jit_trace_records_aten_ops():
         traced = torch.jit.trace(net, (_x(2),))
         assert "convkernels::" not in str(traced.inlined_graph)
         assert _rel(traced(_x(2)), net(_x(2))) < 1e-6
+
+
+class HighwayGateNet(nn.Module):
+    """highway_gate as a user's own highway layer would call it."""
+
+    def __init__(self):
+        super().__init__()
+        self.h = nn.Conv2d(3, 3, 3, padding=1)
+        self.gate = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return ops.highway_gate(torch.relu(self.h(x)), self.gate(x), x).mean((2, 3))
+
+
+def test_highway_gate_exports_as_sigmoid_mul_add():
+    torch.manual_seed(0)
+    net = HighwayGateNet().double()
+    ep = torch.export.export(net, (_x(2, torch.float64),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=2)}})
+    assert set(_convkernels_ops(ep.graph)) == {"convkernels.highway_gate.default"}
+    decomposed = ep.run_decompositions()
+    assert not _convkernels_ops(decomposed.graph)
+    called = {str(n.target) for n in decomposed.graph.nodes if n.op == "call_function"}
+    assert "aten.sigmoid.default" in called, called
+    x = _x(5, torch.float64).requires_grad_(True)
+    got = ep.module()(x)
+    xe = x.detach().clone().requires_grad_(True)
+    want = net(xe)
+    assert _rel(got, want) < 1e-10
+    got.sum().backward()
+    want.sum().backward()
+    assert _rel(x.grad, xe.grad) < 1e-10
+    with torch.no_grad():
+        traced = torch.jit.trace(net.float(), (_x(2),))
+        assert "convkernels::" not in str(traced.inlined_graph)
+        assert _rel(traced(_x(3)), net(_x(3))) < 1e-6
+
+
+def test_highway_gate_onnx_runs_in_onnxruntime():
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    net = HighwayGateNet().eval()
+    program = torch.onnx.export(net, (_x(2),), dynamo=True,
+                                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=2)}})
+    assert "Sigmoid" in {node.op_type for node in program.model_proto.graph.node}
+    assert not any("convkernels" in d.domain for d in program.model_proto.opset_import)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: _x(3).numpy()})
+    with torch.no_grad():
+        assert _rel(torch.from_numpy(got), net(_x(3))) < 1e-5

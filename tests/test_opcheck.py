@@ -174,3 +174,18 @@ def test_conv_act_ops(target):
                                         True, [True, False, True, True], impl))
         opcheck(ops.conv_act_backward, (g, xd, cwd, None, None, None, *conv, "identity", False,
                                         [True, True, False, False], impl))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_highway_gate_ops(target):
+    impl = target.backend
+    h, gate, *_ = _bn_samples(target.device)
+    x = make((2, 3, 4, 5), torch.float32, target.device, seed=7).requires_grad_(True)
+    g = torch.randn_like(h)
+    with on(target):
+        opcheck(ops.highway_gate, (h, gate, x))
+        opcheck(ops.highway_gate_forward, (h, gate, x, impl))
+        opcheck(ops.highway_gate_backward, (g, h.detach(), gate.detach(), x.detach(),
+                                            [True, True, True], impl))
+        opcheck(ops.highway_gate_backward, (g, h.detach(), gate.detach(), x.detach(),
+                                            [False, True, False], impl))
