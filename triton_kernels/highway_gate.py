@@ -17,6 +17,8 @@ from .activations import SIGMOID, act_fwd
 from .add_act import FLAT_TILES, _pick_flat
 from .layout import TRITON_TYPE, conform, device_guard, empty_out, layout_of, make_case
 
+_SIGMOID = tl.constexpr(SIGMOID)  # a global a jitted function may read
+
 
 @triton.jit
 def _load(ptr, offs, mask, FP64: tl.constexpr):
@@ -39,7 +41,7 @@ def _highway_gate_fwd_kernel(h_ptr, gate_ptr, x_ptr, y_ptr, numel, FP64: tl.cons
                              BLOCK: tl.constexpr):
     """y = h * t + x * (1 - t), t = sigmoid(gate)."""
     offs, mask = _flat(numel, BLOCK)
-    t = act_fwd(_load(gate_ptr, offs, mask, FP64), SIGMOID)
+    t = act_fwd(_load(gate_ptr, offs, mask, FP64), _SIGMOID)
     y = _load(h_ptr, offs, mask, FP64) * t + _load(x_ptr, offs, mask, FP64) * (1.0 - t)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -51,7 +53,7 @@ def _highway_gate_bwd_kernel(g_ptr, h_ptr, gate_ptr, x_ptr, gh_ptr, gg_ptr, gx_p
     """grad_h = g t, grad_x = g (1 - t), grad_gate = (g h - g x) (1 - t) t, t recomputed."""
     offs, mask = _flat(numel, BLOCK)
     g = _load(g_ptr, offs, mask, FP64)
-    t = act_fwd(_load(gate_ptr, offs, mask, FP64), SIGMOID)
+    t = act_fwd(_load(gate_ptr, offs, mask, FP64), _SIGMOID)
     c = 1.0 - t
     if NEED_GH:
         tl.store(gh_ptr + offs, (g * t).to(gh_ptr.dtype.element_ty), mask=mask)
