@@ -64,7 +64,8 @@ def conv2d_backward(grad, x, weight, has_bias, stride, padding, dilation, groups
 
 
 def _onednn_ok(x) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available())
 
 
 def _packed_pays(x, weight, residual, stride, padding, dilation) -> bool:
@@ -116,12 +117,11 @@ def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residu
     return y.contiguous(memory_format=fmt)
 
 
-def _bias_as_scale_shift(bias, z):
-    """(ones, bias) per channel of the conv result z: a bias as the (scale,
-    shift) of the bn_act_apply epilogue (zeros without a bias)."""
-    ones = torch.ones(z.size(1), dtype=bias.dtype if bias is not None else torch.float32,
-                      device=z.device)
-    return ones, bias if bias is not None else torch.zeros_like(ones)
+def unit_scale_shift(bias, z):
+    """(ones, bias or zeros) per channel of the conv result z, in its
+    accumulation dtype: a bias as the (scale, shift) of bn_act's primitives."""
+    ones = torch.ones(z.size(1), dtype=acc_dtype(z.dtype), device=z.device)
+    return ones, torch.zeros_like(ones) if bias is None else bias.to(ones.dtype).contiguous()
 
 
 def _cpu_conv_act(x, weight, bias, stride, padding, dilation, groups, act, residual, out):
@@ -135,7 +135,7 @@ def _cpu_conv_act(x, weight, bias, stride, padding, dilation, groups, act, resid
     direct = out is not None and is_channel_slice(out, torch.contiguous_format)
     y = gemm_conv(x, weight, stride, out if direct else None)
     if bias is not None or residual is not None or act != "identity":
-        torch.ops.convkernels_C.bn_act_apply_(y, *_bias_as_scale_shift(bias, y), residual, act)
+        torch.ops.convkernels_C.bn_act_apply_(y, *unit_scale_shift(bias, y), residual, act)
     return y if out is None or direct else into(y, out)
 
 
@@ -153,7 +153,7 @@ def conv_act(name, x, weight, bias, stride, padding, dilation, groups, act, resi
                              out)
     z = conv2d(x, weight, None, stride, padding, dilation, groups)
     fmt = memory_format(z)
-    y = backend.kernels(name).bn_act_apply(dense(z, fmt), *_bias_as_scale_shift(bias, z),
+    y = backend.kernels(name).bn_act_apply(dense(z, fmt), *unit_scale_shift(bias, z),
                                            dense(residual, fmt), act)
     return into(y, out)
 

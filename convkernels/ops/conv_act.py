@@ -43,22 +43,10 @@ def _acc_bias(bias, x):
     return None if bias is None else bias.to(acc_dtype(x.dtype)).contiguous()
 
 
-def _unit_scale_shift(bias, t):
-    """(ones, bias or zeros): the bias as the per-channel (scale, shift) of bn_act's
-    primitives on the conv output t, in its accumulation dtype."""
-    ones = torch.ones(t.size(1), dtype=acc_dtype(t.dtype), device=t.device)
-    return ones, torch.zeros_like(ones) if bias is None else _acc_bias(bias, t)
-
-
 # ------------------------------------------------------------------ inference
 def _eval(x, weight, bias, stride, padding, dilation, groups, act, residual, impl, out):
-    bias = _acc_bias(bias, x)
-    if bias is None and x.dtype == torch.float64:
-        # _conv.conv_act's generic epilogue stands in float32 zeros for a
-        # missing bias, which the float64 primitives reject.
-        bias = x.new_zeros(weight.size(0))
-    return _conv.conv_act(impl, x, weight, bias, stride, padding, dilation, groups, act,
-                          residual, out)
+    return _conv.conv_act(impl, x, weight, _acc_bias(bias, x), stride, padding, dilation,
+                          groups, act, residual, out)
 
 
 @torch.library.custom_op("convkernels::conv_act_eval", mutates_args=())
@@ -99,8 +87,8 @@ def conv_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: 
     z = conv2d(x, weight, None, stride, padding, dilation, groups)
     fmt = memory_format(z)
     z = dense(z, fmt)
-    y = backend.kernels(impl).bn_act_apply(z, *_unit_scale_shift(bias, z), dense(residual, fmt),
-                                           act)
+    y = backend.kernels(impl).bn_act_apply(z, *_conv.unit_scale_shift(bias, z),
+                                           dense(residual, fmt), act)
     return y, z
 
 
@@ -116,7 +104,7 @@ def _act_grad(k, grad_y, t, shift, residual, act, x):
     if act == "identity":
         return dense(grad_y, memory_format(x))
     fmt = memory_format(t)
-    scale, shift = _unit_scale_shift(shift, t)
+    scale, shift = _conv.unit_scale_shift(shift, t)
     # Only the "residual" gradient, which is gz: grad_x's k1..k3 are not read.
     _, gz = k.bn_act_backward_apply(dense(grad_y, fmt), t, scale, shift, dense(residual, fmt),
                                     act, scale, scale, scale, False, True)
