@@ -247,15 +247,17 @@ def test_builder_is_torchvisions_plus_optimize(name):
     assert type(model) is type(ref)
     sd, sd_ref = model.state_dict(), ref.state_dict()
     assert list(sd) == list(sd_ref) and all(torch.equal(sd[k], sd_ref[k]) for k in sd)
-    fused = convkernels.explain(model).fused
-    assert bool(fused) == (name != "alexnet")
+    assert convkernels.explain(model).fused
 
 
-def test_vgg_bn_fuses_fully_and_plain_vgg_is_left():
+def test_vgg_fuses_every_conv():
+    """conv -> BN -> ReLU as conv_bn_act in the _bn variants, conv -> ReLU as
+    conv_act in the plain ones."""
     for bn in (True, False):
         name = "vgg11_bn" if bn else "vgg11"
         model = getattr(convkernels.models, name)()
         convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
         report = convkernels.explain(model)
-        assert len(report.fused) == (convs if bn else 0)
-        assert len(report.left) == (0 if bn else convs)
+        assert len(report.fused) == convs and not report.left
+        op = "conv_bn_act" if bn else "conv_act"
+        assert all(p.op.startswith(op + "(") for p in report.fused)

@@ -174,10 +174,13 @@ def test_lenet_parameter_count():
     assert sum(p.numel() for p in models.lenet().parameters()) == 61706
 
 
-def test_unfused_models_bind_nothing():
-    """No op computes conv -> act or linear -> act without a BatchNorm."""
-    for model in (models.lenet(), models.nin(**SMALL_NIN)):
-        assert not convkernels.explain(model).fused
+def test_models_without_batchnorm_fuse_conv_act():
+    """Without BatchNorm each conv -> act is one conv_act (lenet's 2, every conv
+    of nin's 4 blocks of 3); its linear -> sigmoid layers stay torch's."""
+    for model, convs in ((models.lenet(), 2), (models.nin(**SMALL_NIN), 12)):
+        report = convkernels.explain(model)
+        assert len(report.fused) == convs
+        assert all(p.op.startswith("conv_act(") for p in report.fused)
 
 
 def test_dense_batchnorm_with_one_sample_raises_as_torch():
