@@ -207,6 +207,12 @@ def test_inference_mode_and_compile():
         torch.testing.assert_close(convkernels.ops.highway_gate(h, gate, x), _eager(h, gate, x))
     compiled = torch.compile(convkernels.ops.highway_gate, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(h, gate, x), _eager(h, gate, x))
+    # Inference skips the custom op's layers eagerly; a trace still records the op.
+    from torch.fx.experimental.proxy_tensor import make_fx
+    with torch.no_grad():
+        gm = make_fx(convkernels.ops.highway_gate)(h, gate, x)
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert called == ["convkernels.highway_gate_forward.default"], called
 
 
 # ------------------------------------------------------------- the highway layers
