@@ -16,8 +16,9 @@ class Highway(nn.Module):
         self.gate_act = nn.Sigmoid()
 
     def forward(self, x):
+        h = self.transform(x)  # H before T: module hooks see the model's call order
         t = self.gate_act(self.gate(x))
-        return self.transform(x) * t + x * (1 - t)
+        return h * t + x * (1 - t)
 
 
 class HighwayNet(nn.Module):
