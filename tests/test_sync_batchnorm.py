@@ -64,14 +64,12 @@ def _case(backend, act, residual, momentum):
                 act=act, momentum=momentum, backend=backend)
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Every case's results from both ranks of one 2-process gloo group."""
-    tmp = tmp_path_factory.mktemp("sync_bn")
-    cases = [_case(*c) for c in CASES]
-    torch.save(cases, tmp / "cases.pt")
+def run_two_ranks(script: str, inputs, tmp) -> list:
+    """What ``script`` saved on each rank of a 2-process gloo group, given
+    ``inputs`` (argv: inputs file, rank, output file, init method)."""
+    torch.save(inputs, tmp / "inputs.pt")
     init = f"file://{tmp / 'rendezvous'}"  # no port to race for
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(tmp / "cases.pt"), str(r),
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp / "inputs.pt"), str(r),
                                str(tmp / f"rank{r}.pt"), init],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               # gloo's connections on the loopback interface only
@@ -81,7 +79,14 @@ def two_ranks(tmp_path_factory):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every case's results from both ranks of one 2-process gloo group."""
+    cases = [_case(*c) for c in CASES]
+    ranks = run_two_ranks(_RANK, cases, tmp_path_factory.mktemp("sync_bn"))
     return {c: (case, [ranks[0][i], ranks[1][i]]) for i, (c, case) in enumerate(zip(CASES, cases))}
 
 
@@ -181,18 +186,7 @@ def test_optimized_model_two_gloo_ranks_equal_one_process(tmp_path):
     x = torch.randn(6, 3, 5, 4, dtype=torch.float64)
     x[3:] = x[3:] * 2 + 1  # the ranks' halves have different statistics
     grad = torch.randn(6, 5, 5, 4, dtype=torch.float64)
-    torch.save((model, x, grad), tmp_path / "model.pt")
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, "-c", _MODEL_RANK, str(tmp_path / "model.pt"),
-                               str(r), str(tmp_path / f"rank{r}.pt"), init],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1",
-                                   "GLOO_SOCKET_IFNAME": "lo"})
-             for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_two_ranks(_MODEL_RANK, (model, x, grad), tmp_path)
     assert ranks[0]["folded"] == ["relu", "silu", "relu"] * 2
     ref = model.train()
     xr = x.clone().requires_grad_(True)
