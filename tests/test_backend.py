@@ -246,6 +246,43 @@ def test_tuned_choice_drives_the_conv_ops(monkeypatch):
     assert set(backend._TUNED.values()) == {"triton"}
 
 
+@triton_on_cpu
+def test_tuned_choice_drives_nt_xent(monkeypatch):
+    """nt_xent_loss's auto cuda/triton choice is measured once per input shape
+    and grad mode (a temperature schedule does not re-measure), the timed runs
+    (forward, and backward when training) leave the inputs' gradients alone,
+    and the loss and gradients are the reference's."""
+    from convkernels.ops import reference
+
+    monkeypatch.setattr(backend, "_tunable", lambda device, impl: True)
+    monkeypatch.setattr(backend, "_TUNED", {})
+    timed = []
+
+    def fake_time(run, name, device):
+        if name == "triton":
+            run(name)
+        timed.append(name)
+        return {"cuda": 2.0, "triton": 1.0}[name]
+
+    monkeypatch.setattr(backend, "_time_ms", fake_time)
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    for temperature in (0.5, 0.2):
+        with torch.no_grad():
+            torch.testing.assert_close(convkernels.ops.nt_xent_loss(z1, z2, temperature),
+                                       reference.nt_xent_loss(z1, z2, temperature))
+    assert len(backend._TUNED) == 1 and timed == ["cuda", "triton"]
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    loss = convkernels.ops.nt_xent_loss(a, b, 0.5)
+    assert len(backend._TUNED) == 2 and a.grad is None
+    loss.backward()
+    ra, rb = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    reference.nt_xent_loss(ra, rb, 0.5).backward()
+    torch.testing.assert_close(a.grad, ra.grad)
+    torch.testing.assert_close(b.grad, rb.grad)
+    assert set(backend._TUNED.values()) == {"triton"}
+
+
 def test_arch_list_coverage():
     """Machine code runs within its major version, PTX on anything newer."""
     from convkernels._extension import archs_cover

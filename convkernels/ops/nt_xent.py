@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import backend
 from . import reference
-from ._library import LIB
+from ._library import LIB, needs_grad
 from .primitives import acc_dtype
 
 OP = "nt_xent_loss"
@@ -104,10 +104,20 @@ LIB.define("nt_xent_loss(Tensor z1, Tensor z2, float temperature=0.5) -> Tensor"
 def _nt_xent_loss(z1, z2, temperature=0.5):
     _check(z1, z2, temperature)
     temperature = float(temperature)
-    impl = backend.resolve(z1.device)
+    z = torch.cat([z1, z2])
+    grad = needs_grad(z1, z2)
+
+    def run(name):  # forward (and backward, when training): what a step spends on the loss
+        loss, lse = torch.ops.convkernels.nt_xent_forward(z, temperature, name)
+        if grad:
+            torch.ops.convkernels.nt_xent_backward(torch.ones_like(loss), z, lse, temperature,
+                                                   name)
+        return loss
+
+    impl = backend.resolve_tuned(z1.device, (OP, backend.tensor_key(z), grad), run)
     if impl == "reference":
         return reference.nt_xent_loss(z1, z2, temperature)
-    loss, _ = torch.ops.convkernels.nt_xent_forward(torch.cat([z1, z2]), temperature, impl)
+    loss, _ = torch.ops.convkernels.nt_xent_forward(z, temperature, impl)
     return loss
 
 
