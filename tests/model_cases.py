@@ -62,8 +62,8 @@ def _torchvision_case(name: str) -> ModelCase:
 
 # The seed models at reduced widths where their defaults are big; the default
 # widths are what `python -m convkernels verify` checks.
-_NIN = dict(widths=(8, 16, 24), first_conv=(5, 1, 2))
-_ANYNET = (8, (1, 2), (16, 24), (8, 4), (0.5, 1.0))
+SMALL_NIN = dict(widths=(8, 16, 24), first_conv=(5, 1, 2))
+SMALL_ANYNET = (8, (1, 2), (16, 24), (8, 4), (0.5, 1.0))
 
 
 def _preact(depth: int, p: float, width: int):
@@ -81,15 +81,17 @@ def _simclr_reference():
 SEED_CASES = [
     ModelCase("lenet", models.lenet, ref_lenet.LeNet, (1, 28, 28)),
     ModelCase("lenet_bn", models.lenet_bn, partial(ref_lenet.LeNet, batch_norm=True), (1, 28, 28)),
-    ModelCase("nin", partial(models.nin, **_NIN), partial(ref_nin.NiN, **_NIN), (1, 28, 28)),
+    ModelCase("nin", partial(models.nin, **SMALL_NIN), partial(ref_nin.NiN, **SMALL_NIN),
+              (1, 28, 28)),
     ModelCase("preact_resnet18", *_preact(18, 0.0, 8), (3, 32, 32)),
     ModelCase("preact_resnet34", *_preact(34, 0.2, 4), (3, 32, 32)),
     ModelCase("preact_resnet50", *_preact(50, 0.3, 4), (3, 32, 32)),
     ModelCase("preact_resnet101", *_preact(101, 0.0, 4), (3, 32, 32)),
     ModelCase("highway_net", partial(models.highway_net, width=8, depth=3),
               partial(ref_highway.HighwayNet, width=8, depth=3), (1, 28, 28)),
-    ModelCase("anynet", partial(models.anynet, *_ANYNET),
-              partial(ref_anynet.AnyNet, list(zip(*_ANYNET[1:])), _ANYNET[0]), (3, 32, 32)),
+    ModelCase("anynet", partial(models.anynet, *SMALL_ANYNET),
+              partial(ref_anynet.AnyNet, list(zip(*SMALL_ANYNET[1:])), SMALL_ANYNET[0]),
+              (3, 32, 32)),
     ModelCase("regnetx32", models.regnetx32,
               partial(ref_anynet.AnyNet, [(4, 32, 16, 1), (6, 80, 16, 1)], 32, in_channels=1),
               (1, 32, 32)),

@@ -5,6 +5,7 @@ same weights (BN running statistics randomised) and inputs. Op counters prove
 the fused path ran; hooks on inner modules fire with the reference's tensors.
 """
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -12,62 +13,37 @@ from torch import nn
 
 import convkernels
 from convkernels import models, ops
+from model_cases import SEED_CASES, SMALL_NIN, ModelCase
 from model_checks import (assert_grads_and_buffers_match, one_thread,  # noqa: F401
                           randomise_bn, rel)
-from reference import anynet as ref_anynet
-from reference import highway as ref_highway
-from reference import lenet as ref_lenet
 from reference import nin as ref_nin
 from reference import preact_resnet as ref_preact
 from reference import simclr as ref_simclr
 
-OPS = ("conv_bn_act", "bn_act", "bn_act_conv", "add_act")
-SMALL_NIN = dict(widths=(8, 16, 24), first_conv=(5, 1, 2))
-SMALL_ANYNET = (8, (1, 2), (16, 24), (8, 4), (0.5, 1.0))
+OPS = ("conv_bn_act", "bn_act", "bn_act_conv", "add_act", "conv_act", "highway_gate")
+SEEDS = {c.name: c for c in SEED_CASES}
+SEEDS["nin_bn"] = ModelCase("nin_bn", partial(models.nin, **SMALL_NIN, batch_norm=True),
+                            partial(ref_nin.NiN, **SMALL_NIN, batch_norm=True), (1, 28, 28))
+SEEDS["preact_resnet18_sd"] = ModelCase(
+    "preact_resnet18_sd", partial(models.preact_resnet18, 3, 10, 0.5, width=8),
+    partial(ref_preact.preact_resnet, 18, num_classes=10, width=8, p=0.5), (3, 32, 32))
 
-
-def _simclr_reference():
-    encoder = ref_preact.preact_resnet(18, num_classes=10, width=8)
-    encoder.fc = nn.Identity()
-    return ref_simclr.SimCLR(encoder, 64, 16)
-
-
-# name: (builder, reference, input shape, fused op calls per train forward,
-#        the module a hook goes on)
+# name: (fused op calls per train forward, the module a hook goes on)
 CASES = {
-    "lenet": (models.lenet, ref_lenet.LeNet, (4, 1, 28, 28), {}, "net.3"),
-    "lenet_bn": (models.lenet_bn, lambda: ref_lenet.LeNet(batch_norm=True), (4, 1, 28, 28),
-                 {"conv_bn_act": 2, "bn_act": 2}, "net.10.bn"),
-    "nin": (lambda: models.nin(**SMALL_NIN), lambda: ref_nin.NiN(**SMALL_NIN), (4, 1, 28, 28),
-            {}, "net.2.2"),
-    "nin_bn": (lambda: models.nin(**SMALL_NIN, batch_norm=True),
-               lambda: ref_nin.NiN(**SMALL_NIN, batch_norm=True), (4, 1, 28, 28),
-               {"conv_bn_act": 12}, "net.2.3"),
+    "lenet": ({"conv_act": 2}, "net.3"),
+    "lenet_bn": ({"conv_bn_act": 2, "bn_act": 2}, "net.10.bn"),
+    "nin": ({"conv_act": 12}, "net.2.2"),
+    "nin_bn": ({"conv_bn_act": 12}, "net.2.3"),
     # 16 BN -> ReLU -> conv units; the first of stages 2-4 shares its BN -> ReLU
     # with the projection (bn_act), the final BN -> ReLU is one more bn_act.
-    "preact_resnet18": (lambda: models.preact_resnet18(3, 10, width=8),
-                        lambda: ref_preact.preact_resnet(18, num_classes=10, width=8),
-                        (4, 3, 32, 32), {"bn_act_conv": 13, "bn_act": 4}, "layer2.1.conv1"),
-    "preact_resnet18_sd": (lambda: models.preact_resnet18(3, 10, 0.5, width=8),
-                           lambda: ref_preact.preact_resnet(18, num_classes=10, width=8, p=0.5),
-                           (4, 3, 32, 32), {"bn_act_conv": 13, "bn_act": 4, "add_act": 8},
-                           "layer3.0.downsample"),
-    "preact_resnet50": (lambda: models.preact_resnet50(3, 10, 0.3, width=4),
-                        lambda: ref_preact.preact_resnet(50, num_classes=10, width=4, p=0.3),
-                        (4, 3, 32, 32), {"bn_act_conv": 44, "bn_act": 5, "add_act": 16},
-                        "layer1.0.conv3"),
-    "highway_net": (lambda: models.highway_net(width=8, depth=3),
-                    lambda: ref_highway.HighwayNet(width=8, depth=3), (4, 1, 28, 28),
-                    {"conv_bn_act": 4}, "layers.1.transform.0"),
-    "anynet": (lambda: models.anynet(*SMALL_ANYNET),
-               lambda: ref_anynet.AnyNet(list(zip(*SMALL_ANYNET[1:])), SMALL_ANYNET[0]),
-               (4, 3, 32, 32), {"conv_bn_act": 1 + 3 * 3 + 2}, "net.stage2.0.conv4"),
-    "regnetx32": (models.regnetx32, lambda: ref_anynet.AnyNet(
-        [(4, 32, 16, 1), (6, 80, 16, 1)], 32, in_channels=1), (4, 1, 32, 32),
-        {"conv_bn_act": 1 + 10 * 3 + 2}, "net.stage2.3.conv3"),
-    "simclr": (lambda: models.simclr("preact_resnet18", 16, num_classes=10, width=8),
-               _simclr_reference, (4, 3, 32, 32), {"bn_act_conv": 13, "bn_act": 4},
-               "encoder.layer1.0.conv2"),
+    "preact_resnet18": ({"bn_act_conv": 13, "bn_act": 4}, "layer2.1.conv1"),
+    "preact_resnet18_sd": ({"bn_act_conv": 13, "bn_act": 4, "add_act": 8}, "layer3.0.downsample"),
+    "preact_resnet34": ({"bn_act_conv": 29, "bn_act": 4, "add_act": 16}, "layer2.1.conv1"),
+    "preact_resnet50": ({"bn_act_conv": 44, "bn_act": 5, "add_act": 16}, "layer1.0.conv3"),
+    "highway_net": ({"conv_bn_act": 4, "highway_gate": 3}, "layers.1.transform.0"),
+    "anynet": ({"conv_bn_act": 1 + 3 * 3 + 2}, "net.stage2.0.conv4"),
+    "regnetx32": ({"conv_bn_act": 1 + 10 * 3 + 2}, "net.stage2.3.conv3"),
+    "simclr": ({"bn_act_conv": 13, "bn_act": 4}, "encoder.layer1.0.conv2"),
 }
 
 
@@ -90,16 +66,16 @@ def pair(name: str, dtype=torch.float32):
     """(reference, built): the builder's weights loaded strictly into the reference."""
     if name not in _BASE:
         torch.manual_seed(0)
-        _BASE[name] = randomise_bn(CASES[name][0]())
+        _BASE[name] = randomise_bn(SEEDS[name].ours())
     built = copy.deepcopy(_BASE[name]).to(dtype)
-    ref = CASES[name][1]().to(dtype)
+    ref = SEEDS[name].reference().to(dtype)
     ref.load_state_dict(built.state_dict(), strict=True)
     return ref, built
 
 
 def inputs(name: str, dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(CASES[name][2], generator=g, dtype=dtype)
+    return torch.randn(4, *SEEDS[name].sample, generator=g, dtype=dtype)
 
 
 def seeded(model, x):
@@ -109,7 +85,7 @@ def seeded(model, x):
 
 def expected(name: str, training: bool) -> dict:
     counts = dict.fromkeys(OPS, 0)
-    counts.update(CASES[name][3])
+    counts.update(CASES[name][0])
     if not training:
         counts["add_act"] = 0  # stochastic depth is the identity in eval
     return counts
@@ -149,7 +125,7 @@ def test_float64_train_step(name, calls):
     assert_grads_and_buffers_match(built, ref)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][3]])
+@pytest.mark.parametrize("name", list(CASES))
 def test_hook_on_an_inner_module_sees_the_references_tensors(name, calls):
     """The hooked module's part runs its modules; the hook sees, and changes,
     what it does in the reference, and the rest stays fused."""
@@ -158,7 +134,7 @@ def test_hook_on_an_inner_module_sees_the_references_tensors(name, calls):
     seen = {}
     for key, model in (("built", built), ("ref", ref)):
         record = seen[key] = []
-        model.get_submodule(CASES[name][4]).register_forward_hook(
+        model.get_submodule(CASES[name][1]).register_forward_hook(
             lambda m, args, out, record=record: (record.append(out.detach().clone()), out * 2)[1])
     for training in (False, True):
         ref.train(training), built.train(training)
