@@ -116,7 +116,10 @@ def _build_torch(name: str, size: int, variant: str, device: torch.device, train
         if builder is not None:
             # Built on the meta device and given torchvision's tensors: one copy of
             # the weights in this process, as in the other variants.
-            with torch.device("meta"):
+            try:
+                with torch.device("meta"):
+                    ck_model = builder()
+            except NotImplementedError:  # RegNet's builder computes its widths with tensors
                 ck_model = builder()
             ck_model.load_state_dict(model.state_dict(), strict=True, assign=True)
             model, how = ck_model, f"convkernels.models.{name}"

@@ -54,3 +54,19 @@ def assert_grads_and_buffers_match(model: nn.Module, ref: nn.Module, tol: float 
             assert torch.equal(b, ref_buffers[n]), n
         else:
             assert rel(b, ref_buffers[n]) < tol, n
+
+
+def gets_channels_last(model: nn.Module, name: str, x: torch.Tensor) -> bool:
+    """Whether submodule ``name`` of ``model`` gets a channels_last input in an
+    eval forward of ``x`` (a forward pre-hook looks, then goes)."""
+    seen = []
+    hook = model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        hook.remove()
+        model.train(training)
+    return seen[0]

@@ -16,8 +16,10 @@ from torch import nn
 
 import convkernels
 from convkernels import explain, ops, optimize, unoptimize
-from model_checks import (assert_grads_and_buffers_match, one_thread,  # noqa: F401
-                          randomise_bn, rel)
+from convkernels.fuse import mobile
+from convkernels.fuse._bind import bound
+from model_checks import (assert_grads_and_buffers_match, gets_channels_last,  # noqa: F401
+                          one_thread, randomise_bn, rel)
 
 SIZE = 64  # the last stage of every model here stays 2x2
 
@@ -315,3 +317,72 @@ def test_large_builder_binds_and_matches(name, calls):
         y = opt(x)
         assert calls["conv_bn_act"] == expected(opt, training=False)["conv_bn_act"]
         assert rel(y, unoptimize(opt)(x)) < 1e-4
+
+
+# ------------------------------------------------------------------ layout
+# Top level -> (its bound forward, its stem, the first module after the stem).
+TOPS = {"efficientnet_b0": (mobile.efficientnet_forward, "features.0", "features.1"),
+        "regnet_y_400mf": (mobile.regnet_forward, "stem", "trunk_output")}
+
+
+@pytest.mark.parametrize("name", list(TOPS))
+def test_top_level_runs_the_trunk_channels_last_on_cpu(name):
+    """The fused stem makes the trunk channels_last, fp32 and float64 alike, so
+    the numbers tests above (fp32 eval and train, float64 gradients and running
+    stats) compare it against torchvision's NCHW model; not on the reference
+    backend."""
+    forward, stem, after = TOPS[name]
+    ref, opt = pair(name)
+    assert bound(opt).fn is forward
+    top = [p for p in explain(opt) if p.module == ""]
+    assert [(p.covers, p.fused) for p in top] == [((f"{stem}.0", f"{stem}.1", f"{stem}.2"), True)]
+    for dtype in (torch.float32, torch.float64):
+        x = inputs(dtype)
+        assert gets_channels_last(opt.to(dtype), after, x)
+        assert not gets_channels_last(ref.to(dtype), after, x)
+    with convkernels.use_backend("reference"):
+        assert not gets_channels_last(opt, after, x)
+
+
+@pytest.mark.parametrize("name,hooked", [("efficientnet_b0", "features"),
+                                         ("efficientnet_b0", "features.0"),
+                                         ("efficientnet_b0", "features.0.0"),
+                                         ("regnet_y_400mf", "stem"), ("regnet_y_400mf", "stem.1")])
+def test_observed_stem_keeps_the_callers_layout(name, hooked):
+    """A pre-hook on the stem, on one of its modules, or on ``features`` (the
+    input passes it on its way to the stem) gets the tensor torchvision's gets,
+    and the model runs its modules' own NCHW path: a float64 train step equal
+    to torchvision's."""
+    after = TOPS[name][2]
+    ref, opt = pair(name, torch.float64)
+    seen = {}
+
+    def record(key):
+        def hook(module, args):
+            seen.setdefault(key, args[0].detach().clone())
+        return hook
+
+    for key, model in (("ref", ref), ("opt", opt)):
+        model.get_submodule(hooked).register_forward_pre_hook(record(key))
+    x = inputs(torch.float64)
+    assert not gets_channels_last(opt, after, x)
+    seen.clear()
+    with convkernels.use_backend("cpu"):
+        y_ref, gx_ref = train_step(ref, x)
+        y_opt, gx_opt = train_step(opt, x)
+    assert seen["opt"].stride() == seen["ref"].stride() and torch.equal(seen["opt"], seen["ref"])
+    assert rel(y_opt, y_ref) < 1e-6 and rel(gx_opt, gx_ref) < 1e-6
+    assert_grads_and_buffers_match(opt, ref)
+
+
+@pytest.mark.parametrize("name", list(TOPS))
+def test_fx_traces_torchvisions_graph_through_the_top_level(name):
+    """Traced inside a wrapper, FX runs the bound top-level forward on proxies:
+    torchvision's graph (no layout change), which computes torchvision's output."""
+    ref, opt = pair(name)
+    ref.eval(), opt.eval()  # stochastic depth's training flag is traced as a constant
+    traced, theirs = (torch.fx.symbolic_trace(nn.Sequential(m)) for m in (opt, ref))
+    assert [n.target for n in traced.graph.nodes] == [n.target for n in theirs.graph.nodes]
+    x = inputs()
+    with torch.no_grad():
+        assert rel(traced(x), ref(x)) < 1e-4

@@ -21,11 +21,10 @@
   back to torchvision's forward.
 
 On CPU a fused stem makes its input channels_last, and everything after it runs
-in that layout: oneDNN's convolutions then skip their NCHW reorders
-(densenet121 on a 2-core EPYC, 224x224: eval batch 8 ~1.25x, train batch 16
-~1.25x). Values do not depend on the layout; dropout masks do (F.dropout draws
-them in memory order), so training with dropout keeps the caller's layout and a
-seed gives torchvision's masks.
+in that layout (``fuse.layout``; densenet121 on a 2-core EPYC, 224x224: eval
+batch 8 ~1.25x, train batch 16 ~1.25x). Values do not depend on the layout;
+dropout masks do (F.dropout draws them in memory order), so training with
+dropout keeps the caller's layout and a seed gives torchvision's masks.
 
 Nothing here imports torchvision (the classes are registered by path), nor
 ``convkernels.models`` at import time: that package imports ``fuse`` itself.
@@ -47,6 +46,7 @@ from ._guard import (act_blocker, blocker, bn_blocker, context_blocker, conv_blo
                      input_blocker, observed)
 from ._parts import bn_act_conv, conv_bn_act
 from ._registry import Family, Pattern, register
+from .layout import cpu_trunk_layout
 from .sequential import sequential_forward
 
 _TV = "torchvision.models.densenet."
@@ -282,9 +282,8 @@ def _stem(features: nn.Module, x: Tensor) -> Tensor:
     conv0, norm0, relu0, pool0 = (features._modules[n] for n in _STEM)
     if blocker(x, conv0, norm0, relu0) is not None:
         return pool0(conv_bn_act(x, conv0, norm0, relu0))
-    if (x.device.type == "cpu" and backend.resolve(x.device) != "reference"
-            and not _dropout_active(features)):
-        x = x.contiguous(memory_format=torch.channels_last)
+    if not _dropout_active(features):
+        x = cpu_trunk_layout(x, conv0, norm0, relu0)
     if (type(relu0) is nn.ReLU and type(pool0) is nn.MaxPool2d and not pool0.return_indices
             and observed(pool0) is None and conv0.bias is None
             and backend.resolve(x.device) != "reference"

@@ -19,6 +19,13 @@
   at the same point: after the branch), so a seed gives torchvision's mask.
 * ``ResBottleneckBlock``: ``proj(x)`` (a fused module) or ``x`` is the residual
   of ``f.c``'s ``conv_bn_act``, with the block's activation as its act.
+* ``EfficientNet`` / ``RegNet``: torchvision's own forward, on the input made
+  channels_last on CPU when the stem (``features[0]`` / ``stem``) runs fused
+  (``fuse.layout``; 2-core EPYC, same-run ratios to torchvision before -> after:
+  efficientnet_b0 eval batch 8 1.26x -> 1.50x, train batch 16 0.97x -> 1.35x;
+  regnet_y_400mf eval batch 8 0.81x -> 1.83x). Every module call is torchvision's, so hooks and tracers see
+  what they see there; a hook on the stem, or on ``features`` before it, keeps
+  the caller's layout.
 
 A block runs its own ``block``/``f`` Sequential's children here, not through
 the Sequential, so when that Sequential, its last child or StochasticDepth is
@@ -37,7 +44,8 @@ from torch import Tensor, nn
 from .. import ops
 from ._guard import input_blocker, observed, part_blocker
 from ._parts import conv_bn_act
-from ._registry import Family, Pattern, register
+from ._registry import Family, Pattern, family_of, register
+from .layout import cpu_trunk_layout
 from .sequential import _patterns as sequential_patterns
 from .sequential import sequential_forward
 
@@ -161,6 +169,49 @@ def _res_bottleneck_patterns(block: nn.Module) -> list:
     return _join_pattern(block.f, "f", ("activation", block.activation))
 
 
+# ------------------------------------------------------------ the top levels
+def _trunk_input(x, stem: Optional[nn.Module], *outer: nn.Module):
+    """``x`` channels_last on CPU (``fuse.layout``) when ``stem``, a
+    Conv2dNormActivation or SimpleStemIN, is conv -> BN -> act and runs that
+    fused. ``outer``: the modules x passes on its way to the stem; they and the
+    stem must be unobserved, as a hook on them would get the converted x."""
+    if family_of(stem) is not _CNA or any(observed(m) for m in (stem, *outer)):
+        return x
+    mods = list(stem._modules.values())
+    return cpu_trunk_layout(x, *mods) if len(mods) == 3 else x
+
+
+def efficientnet_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's forward on the input of the stem ``features[0]``."""
+    stem = next(iter(model.features._modules.values()), None)
+    return type(model).forward(model, _trunk_input(x, stem, model.features))
+
+
+def regnet_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's forward on the input of the stem ``stem``."""
+    return type(model).forward(model, _trunk_input(x, model.stem))
+
+
+def _stem_patterns(model: nn.Module, name: str) -> list:
+    """The stem's conv -> BN -> act, named from the top level: the part the
+    layout follows (the stem's own forward computes it)."""
+    try:
+        stem = model.get_submodule(name)
+    except AttributeError:  # e.g. features replaced by a module without children
+        return []
+    if family_of(stem) is not _CNA or len(stem._modules) != 3:
+        return []
+    return [Pattern(*((f"{name}.{n}", m) for n, m in stem._modules.items()))]
+
+
+def _efficientnet_patterns(model: nn.Module) -> list:
+    return _stem_patterns(model, "features.0")
+
+
+def _regnet_patterns(model: nn.Module) -> list:
+    return _stem_patterns(model, "stem")
+
+
 _CNA = Family("mobile.Conv2dNormActivation", sequential_forward, sequential_patterns)
 register(_MISC + "Conv2dNormActivation", _CNA)
 register(_REGNET + "SimpleStemIN", _CNA)
@@ -169,3 +220,6 @@ register(_EFF + "MBConv", _MBCONV)
 register(_EFF + "FusedMBConv", _MBCONV)
 register(_REGNET + "ResBottleneckBlock",
          Family("mobile.ResBottleneckBlock", res_bottleneck_forward, _res_bottleneck_patterns))
+register(_EFF + "EfficientNet",
+         Family("mobile.EfficientNet", efficientnet_forward, _efficientnet_patterns))
+register(_REGNET + "RegNet", Family("mobile.RegNet", regnet_forward, _regnet_patterns))

@@ -33,11 +33,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import backend, ops
+from .. import ops
 from ._bind import bound
-from ._guard import ACTS, blocker, input_blocker, part_blocker
+from ._guard import ACTS, input_blocker, part_blocker
 from ._parts import conv_bn_act
 from ._registry import Family, Pattern, family_of, register
+from .layout import cpu_trunk_layout
 
 # The block attribute holding p_l (absent: 0).
 SD_ATTR = "stochastic_depth_prob"
@@ -114,13 +115,9 @@ def set_stochastic_depth(model: nn.Module, p: float) -> None:
 
 
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
-    # On CPU a fused stem makes its input channels_last and the trunk runs in
-    # that layout: oneDNN's convolutions then skip their NCHW reorders (resnet50,
-    # 2-core EPYC, eval: 0.77x -> 1.26x torchvision at batch 1). Values do not
-    # depend on the layout; stochastic depth draws one mask value per sample.
-    if (x.device.type == "cpu" and blocker(x, model.conv1, model.bn1, model.relu) is None
-            and backend.resolve(x.device) != "reference"):
-        x = x.contiguous(memory_format=torch.channels_last)
+    # On CPU a fused stem makes the trunk channels_last (see fuse.layout);
+    # stochastic depth draws one mask value per sample, whatever the layout.
+    x = cpu_trunk_layout(x, model.conv1, model.bn1, model.relu)
     x = conv_bn_act(x, model.conv1, model.bn1, model.relu)
     x = model.maxpool(x)
     x = model.layer1(x)
