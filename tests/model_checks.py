@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,3 +71,16 @@ def gets_channels_last(model: nn.Module, name: str, x: torch.Tensor) -> bool:
         hook.remove()
         model.train(training)
     return seen[0]
+
+
+class ConvkernelsOps(TorchDispatchMode):
+    """Records which convkernels ops run (the fused path's footprint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "convkernels":
+            self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))

@@ -37,7 +37,6 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils._python_dispatch import TorchDispatchMode
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import feature_extraction  # noqa: E402
@@ -45,7 +44,7 @@ from torchvision.models import feature_extraction  # noqa: E402
 import convkernels  # noqa: E402
 from convkernels.fuse._bind import bound  # noqa: E402
 from model_cases import SEED_CASES, all_cases, builder_names, image  # noqa: E402
-from model_checks import one_thread, randomise_bn  # noqa: E402,F401
+from model_checks import ConvkernelsOps, one_thread, randomise_bn  # noqa: E402,F401
 
 OUT_TOL = 1e-4   # fp32
 GRAD_TOL = 1e-6  # float64
@@ -112,19 +111,6 @@ def clone_args(v):
     if isinstance(v, dict):
         return {k: clone_args(u) for k, u in v.items()}
     return v
-
-
-class ConvkernelsOps(TorchDispatchMode):
-    """Records which convkernels ops run (the fused path's footprint)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "convkernels":
-            self.seen.add(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _middle(names: list):

@@ -17,8 +17,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import convkernels
 from convkernels import explain, ops, optimize, unoptimize
-from model_checks import (assert_grads_and_buffers_match, one_thread,  # noqa: F401
-                          randomise_bn, rel)
+from model_checks import (ConvkernelsOps, assert_grads_and_buffers_match,  # noqa: F401
+                          one_thread, randomise_bn, rel)
 
 SIZE = 40  # ResNet's last stage stays 2x2 (inputs of 33 to 64 do)
 
@@ -516,22 +516,6 @@ def test_export_records_the_modules_graph(mode, calls):
 
 
 # -------------------------------------------- conv -> act without BatchNorm: conv_act
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-
-class ConvkernelsOps(TorchDispatchMode):
-    """Records which convkernels ops run (as tests/test_model_contract.py's)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "convkernels":
-            self.seen.add(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def plain_cnn() -> nn.Module:
     """Conv2d -> act runs without BatchNorm, and a conv that a BN follows."""
     return nn.Sequential(
