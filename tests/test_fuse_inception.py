@@ -16,8 +16,9 @@ from torch import nn
 import convkernels
 from convkernels import ops, optimize
 from convkernels.fuse import inception
-from model_checks import (assert_grads_and_buffers_match, one_thread,  # noqa: F401
-                          randomise_bn, rel)
+from convkernels.fuse._bind import bound
+from model_checks import (assert_grads_and_buffers_match, gets_channels_last,  # noqa: F401
+                          one_thread, randomise_bn, rel)
 
 # inception_v3's aux head needs 299x299 inputs in training: built without it.
 KWARGS = {"googlenet": {"init_weights": True},
@@ -232,6 +233,45 @@ def test_fx_sees_torchvision_graph():
     _, opt = pair("googlenet")
     gm = torch.fx.symbolic_trace(opt.eval())
     assert any(n.target is torch.cat for n in gm.graph.nodes)
+
+
+# ------------------------------------------------------------------ layout
+# Top level -> (its bound forward, its stem BasicConv2d, the module after the stem).
+TOPS = {"googlenet": (inception.googlenet_forward, "conv1", "maxpool1"),
+        "inception_v3": (inception.inception3_forward, "Conv2d_1a_3x3", "Conv2d_2a_3x3")}
+
+
+@pytest.mark.parametrize("name", list(TOPS))
+def test_top_level_runs_the_trunk_channels_last_on_cpu(name):
+    """The fused stem makes the trunk channels_last (fp32 and float64), so the
+    numbers tests above compare it against torchvision's NCHW model; not on the
+    reference backend, nor with a hook on the stem."""
+    forward, stem, after = TOPS[name]
+    ref, opt = pair(name)
+    assert bound(opt).fn is forward
+    assert [p.covers for p in convkernels.explain(opt) if p.module == ""] == [
+        (f"{stem}.conv", f"{stem}.bn")]
+    for dtype in (torch.float32, torch.float64):
+        x = inputs(name, dtype)
+        assert gets_channels_last(opt.to(dtype), after, x)
+        assert not gets_channels_last(ref.to(dtype), after, x)
+    with convkernels.use_backend("reference"):
+        assert not gets_channels_last(opt, after, x)
+    opt.get_submodule(stem).register_forward_pre_hook(lambda m, args: None)
+    assert not gets_channels_last(opt, after, x)
+
+
+@pytest.mark.parametrize("name", list(TOPS))
+def test_fx_traces_torchvisions_graph_through_the_top_level(name):
+    """Traced inside a wrapper, FX runs the bound top-level forward on proxies:
+    torchvision's graph, without a layout change."""
+    ref, opt = pair(name)
+    ref.eval(), opt.eval()
+    traced, theirs = (torch.fx.symbolic_trace(nn.Sequential(m)) for m in (opt, ref))
+    assert [n.target for n in traced.graph.nodes] == [n.target for n in theirs.graph.nodes]
+    x = inputs(name)
+    with torch.no_grad():
+        close(traced(x), ref(x), 1e-4)
 
 
 # ------------------------------------------------------------------ builders
