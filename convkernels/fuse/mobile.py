@@ -23,9 +23,9 @@
   channels_last on CPU when the stem (``features[0]`` / ``stem``) runs fused
   (``fuse.layout``; 2-core EPYC, same-run ratios to torchvision before -> after:
   efficientnet_b0 eval batch 8 1.26x -> 1.50x, train batch 16 0.97x -> 1.35x;
-  regnet_y_400mf eval batch 8 0.81x -> 1.83x). Every module call is torchvision's, so hooks and tracers see
-  what they see there; a hook on the stem, or on ``features`` before it, keeps
-  the caller's layout.
+  regnet_y_400mf eval batch 8 0.81x -> 1.83x). Every module call is
+  torchvision's, so hooks and tracers see what they see there; a hook on the
+  stem, or on ``features`` before it, keeps the caller's layout.
 
 A block runs its own ``block``/``f`` Sequential's children here, not through
 the Sequential, so when that Sequential, its last child or StochasticDepth is
