@@ -1,12 +1,14 @@
 """Eval forwards under ``torch.inference_mode()``: every op, module and model,
 also one built inside inference mode; later forwards with autograd or under
 no_grad still work and give the same numbers, and no cache entry holds an
-inference tensor (the derived-weight cache, ops/_fold.py)."""
+inference tensor (the derived-weight cache, ops/_fold.py, and the prepared
+calls, fuse/_prepared.py)."""
 import pytest
 import torch
 
 import convkernels
 from convkernels import backend, models, nn as cnn
+from convkernels.fuse import _prepared
 from convkernels.ops import _fold
 
 from harness import TARGET_IDS, TARGETS, Target, assert_close, make, on, randomise_state, vector
@@ -50,6 +52,11 @@ MODULES = {
                     (2, 4, 6, 5), True),
     "densenet-small": (lambda: models.DenseNet(**SMALL_DENSENET), (2, 3, 32, 32), True),
     "densenet121": (lambda: models.densenet121(num_classes=10), (1, 3, 32, 32), False),
+    # The fused parts' prepared calls (fuse/_prepared.py) with a residual join.
+    "resnet18": (lambda: models.resnet18(num_classes=10), (1, 3, 32, 32), False),
+    "optimized-1x1": (lambda: convkernels.optimize(_randomised(torch.nn.Sequential(
+        torch.nn.Conv2d(4, 6, 1), torch.nn.BatchNorm2d(6), torch.nn.SiLU()))), (1, 4, 28, 28),
+        False),  # its prepared call is the GEMM's, with its own epilogue vectors
 }
 
 
@@ -61,7 +68,10 @@ def _cached_tensors():
             for u in v:
                 yield from walk(u)
 
-    return [t for _, _, value in _fold.FOLD_CACHE._entries.values() for t in walk(value)]
+    derived = [value for _, _, value in _fold.FOLD_CACHE._entries.values()]
+    # A prepared call holds its weights in its closure.
+    plans = [[c.cell_contents for c in plan.__closure__] for *_, plan in _prepared._PLANS.values()]
+    return [t for value in derived + plans for t in walk(value)]
 
 
 def _build(name, target, layout):

@@ -12,6 +12,9 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn._bn_state import bn_args, count_batch
+from ..ops._fold import folded_conv_params
+from ..ops.conv_act import acc_bias
+from . import _prepared
 from ._guard import (ACTS, act_blocker, blocker, context_blocker, conv_blocker, input_blocker,
                      synced_blocker)
 
@@ -23,11 +26,22 @@ def _act_name(act: Optional[nn.Module]) -> str:
 def run_conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, act: str,
                     residual: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """The fused op on the modules' state, ``act`` by name, into ``out`` if
-    given; for a caller whose guard check passed."""
+    given; for a caller whose guard check passed. Eval calls without autograd
+    on CPU run prepared (``_prepared``)."""
     a = bn_args(bn)
-    y = ops.conv_bn_act(x, conv.weight, conv.bias, a.running_mean, a.running_var, bn.weight,
-                        bn.bias, a.training, a.momentum, bn.eps, conv.stride, conv.padding,
-                        conv.dilation, conv.groups, act, residual, out)
+
+    def op():
+        return ops.conv_bn_act(x, conv.weight, conv.bias, a.running_mean, a.running_var,
+                               bn.weight, bn.bias, a.training, a.momentum, bn.eps, conv.stride,
+                               conv.padding, conv.dilation, conv.groups, act, residual, out)
+
+    if out is None and not a.training:
+        y = _prepared.run(x, conv, bn, act, residual, lambda: folded_conv_params(
+            conv.weight, conv.bias, a.running_mean, a.running_var, bn.weight, bn.bias, bn.eps),
+            op)
+        if y is not None:
+            return y
+    y = op()
     count_batch(bn, a)
     return y
 
@@ -52,8 +66,15 @@ def conv_act(x: Tensor, conv: nn.Module, act: nn.Module) -> Tensor:
     ``blocker``'s checks, less the BatchNorm's."""
     if (context_blocker() or conv_blocker(conv) or act_blocker(act)
             or input_blocker(x, conv.weight)) is None:
-        return ops.conv_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                            conv.groups, _act_name(act))
+        name = _act_name(act)
+
+        def op():
+            return ops.conv_act(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                conv.dilation, conv.groups, name)
+
+        y = _prepared.run(x, conv, None, name, None, lambda: (conv.weight, acc_bias(conv.bias, x)),
+                          op)
+        return op() if y is None else y
     return act(conv(x))
 
 

@@ -61,12 +61,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..ops._conv import conv2d, conv2d_backward
-from ..ops._library import memory_format, unpack_grads
+from ..ops._library import DirectOps, memory_format, unpack_grads
 from ..ops.primitives import acc_dtype
 
 _ONE = [1, 1]
 _ZERO = [0, 0]
-_ops = torch.ops.convkernels
+_ops = DirectOps()  # torch.ops.convkernels; eagerly, the bodies without the dispatcher
 
 
 @dataclass

@@ -63,11 +63,6 @@ def conv2d_backward(grad, x, weight, has_bias, stride, padding, dilation, groups
         list(dilation), False, [0, 0], groups, mask)
 
 
-def _onednn_ok(x) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32
-            and torch.backends.mkldnn.is_available())
-
-
 def _packed_pays(x, weight, residual, stride, padding, dilation) -> bool:
     """Whether to run oneDNN on a prepacked weight. aten's conv reorders the
     weight into oneDNN's blocked layout on every call, which at batch 1 is most
@@ -93,8 +88,17 @@ def _packed_weight(weight, padding, stride, dilation, groups, x):
                               weight.detach(), padding, stride, dilation, groups, list(x.shape)))
 
 
-def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residual, out):
-    """``act(conv2d(x, weight) + bias (+ residual))`` in one oneDNN call (bias,
+def _finish(y, relu, out, fmt):
+    """The conv result with the NaN-keeping relu pass, into ``out`` or in ``fmt``."""
+    if relu:
+        y.relu_()
+    if out is not None:
+        return into(y, out)
+    return y.contiguous(memory_format=fmt)
+
+
+def _onednn_plan(x, weight, bias, stride, padding, dilation, groups, act, residual):
+    """``act(conv2d(x, weight) + bias (+ residual))`` as one oneDNN call (bias,
     residual and act as post-ops; relu as an in-place pass after), for
     inference: on a cached prepacked weight where that pays. The result is in
     x's memory format, or written into ``out``."""
@@ -104,17 +108,19 @@ def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residu
         weight = _packed_weight(weight, *args, x)
     else:
         weight = weight.contiguous(memory_format=fmt)
+    relu = act == "relu"
     if residual is None:
-        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, _ONEDNN_ACT[act], [],
-                                                    "")
+        post = _ONEDNN_ACT[act]
+
+        def run(x, residual, out):
+            y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, post, [], "")
+            return _finish(y, relu, out, fmt)
     else:
-        y = torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, weight, bias, *args, "add", 1.0, None, [], "")
-    if act == "relu":
-        y.relu_()
-    if out is not None:
-        return into(y, out)
-    return y.contiguous(memory_format=fmt)
+        def run(x, residual, out):
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, weight, bias, *args, "add", 1.0, None, [], "")
+            return _finish(y, relu, out, fmt)
+    return run
 
 
 def unit_scale_shift(bias, z):
@@ -124,19 +130,38 @@ def unit_scale_shift(bias, z):
     return ones, torch.zeros_like(ones) if bias is None else bias.to(ones.dtype).contiguous()
 
 
-def _cpu_conv_act(x, weight, bias, stride, padding, dilation, groups, act, residual, out):
-    """The CPU fp32 inference conv with its epilogue: for a 1x1 conv where that
-    pays, a GEMM (into ``out`` when it is an NCHW slice) and then bias,
-    residual and activation in one pass over the result, in place; else
-    oneDNN with post-ops."""
-    if not (x.is_contiguous() and gemm_pays(x, weight, stride, padding, groups)):
-        return _onednn_conv(x, weight, bias, stride, padding, dilation, groups, act, residual,
-                            out)
-    direct = out is not None and is_channel_slice(out, torch.contiguous_format)
-    y = gemm_conv(x, weight, stride, out if direct else None)
+def _gemm_plan(x, weight, bias, stride, act, residual):
+    """A 1x1 conv as a GEMM (into ``out`` when it is an NCHW slice), then bias,
+    residual and activation in one pass over the result, in place."""
+    epilogue = None
     if bias is not None or residual is not None or act != "identity":
-        torch.ops.convkernels_C.bn_act_apply_(y, *unit_scale_shift(bias, y), residual, act)
-    return y if out is None or direct else into(y, out)
+        epilogue = unit_scale_shift(bias, x.new_empty((0, weight.size(0))))
+
+    def run(x, residual, out):
+        direct = out is not None and is_channel_slice(out, torch.contiguous_format)
+        y = gemm_conv(x, weight, stride, out if direct else None)
+        if epilogue is not None:
+            torch.ops.convkernels_C.bn_act_apply_(y, *epilogue, residual, act)
+        return y if out is None or direct else into(y, out)
+    return run
+
+
+def cpu_conv_plan(x, weight, bias, stride, padding, dilation, groups, act, residual):
+    """How the CPU fp32 inference conv with its epilogue runs for inputs like
+    ``x`` and ``residual`` (shape, layout): ``run(x, residual, out)``, holding
+    the weight in the layout it needs. A GEMM for a 1x1 conv where that pays,
+    else oneDNN with post-ops."""
+    if x.is_contiguous() and gemm_pays(x, weight, stride, padding, groups):
+        return _gemm_plan(x, weight, bias, stride, act, residual)
+    return _onednn_plan(x, weight, bias, stride, padding, dilation, groups, act, residual)
+
+
+def cpu_conv_ok(x, residual, act) -> bool:
+    """Whether :func:`cpu_conv_plan` takes this conv (fp32 CPU, oneDNN, an act
+    oneDNN can follow a residual add with)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+            and (residual is None or act in _ACTS_AFTER_ADD))
 
 
 def conv_act(name, x, weight, bias, stride, padding, dilation, groups, act, residual, out=None):
@@ -148,9 +173,9 @@ def conv_act(name, x, weight, bias, stride, padding, dilation, groups, act, resi
                             residual=residual, act=act)[0]
     fmt = memory_format(x)
     x, residual = dense(x, fmt), dense(residual, fmt)
-    if name == "cpu" and _onednn_ok(x) and (residual is None or act in _ACTS_AFTER_ADD):
-        return _cpu_conv_act(x, weight, bias, stride, padding, dilation, groups, act, residual,
-                             out)
+    if name == "cpu" and cpu_conv_ok(x, residual, act):
+        return cpu_conv_plan(x, weight, bias, stride, padding, dilation, groups, act,
+                             residual)(x, residual, out)
     z = conv2d(x, weight, None, stride, padding, dilation, groups)
     fmt = memory_format(z)
     y = backend.kernels(name).bn_act_apply(dense(z, fmt), *unit_scale_shift(bias, z),
@@ -182,8 +207,8 @@ def act_conv(name, x, scale, shift, act, weight, bias, stride, padding, dilation
                             in_scale=scale, in_shift=shift, in_act=act)[0]
     k = backend.kernels(name)
     t = k.bn_act_apply(bn_input(k, x, memory_format(x)), scale, shift, None, act)
-    if pack and name == "cpu" and _onednn_ok(t):
-        return _cpu_conv_act(t, weight, bias, stride, padding, dilation, groups, "identity",
-                             None, out)
+    if pack and name == "cpu" and cpu_conv_ok(t, None, "identity"):
+        return cpu_conv_plan(t, weight, bias, stride, padding, dilation, groups, "identity",
+                             None)(t, None, out)
     return into(conv2d(t, weight, None if bias is None else bias.to(t.dtype), stride, padding,
                         dilation, groups), out)

@@ -99,12 +99,20 @@ class _FoldCache:
 
 
 FOLD_CACHE = _FoldCache()
+_CLEAR = [FOLD_CACHE.clear]  # and the caches built on it (fuse._prepared)
+
+
+def on_clear(clear) -> None:
+    """``clear()`` runs in :func:`clear_caches`."""
+    _CLEAR.append(clear)
 
 
 def clear_caches() -> None:
-    """Forgets every cached derived weight (folded, prepacked, cast): for a
-    change the version counters do not show, e.g. a write through ``.data``."""
-    FOLD_CACHE.clear()
+    """Forgets every cached derived weight (folded, prepacked, cast) and the
+    prepared inference calls made from them: for a change the version counters
+    do not show, e.g. a write through ``.data``."""
+    for clear in _CLEAR:
+        clear()
 
 
 def bn_scale_shift(weight, bias, mean, invstd):

@@ -69,6 +69,33 @@ def plain_eager(*tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+class DirectOps:
+    """``torch.ops.convkernels`` for code that calls the ops from Python with
+    autograd off (inside an autograd.Function, or in eval without autograd):
+    eagerly on plain tensors (:func:`plain_eager`) a Python op's body runs
+    directly, without the dispatcher's Python layers (~15-30 us a call, as
+    much as the op at batch 1); anywhere else, the registered op, so that
+    torch.compile and the other tracers record it."""
+
+    def __getattr__(self, name: str):
+        op = getattr(torch.ops.convkernels, name)
+        from torch._library import custom_ops  # the Python ops' bodies, by qualified name
+
+        opdef = getattr(custom_ops, "OPDEFS", {}).get(f"convkernels::{name}")
+        body = getattr(opdef, "_init_fn", None)
+        if body is None:
+            return op
+
+        def call(*args):
+            if not torch.is_grad_enabled() and plain_eager(
+                    *(a for a in args if isinstance(a, torch.Tensor))):
+                return body(*args)
+            return op(*args)
+
+        setattr(self, name, call)  # looked up once
+        return call
+
+
 def run_body(*tensors) -> bool:
     """Whether a public op's wrapper runs the op's Python body itself rather
     than the registered op: eagerly on plain tensors (see :func:`plain_eager`),

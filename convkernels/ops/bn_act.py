@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import backend
 from . import reference
 from ._checks import check_act, check_bn_args, check_like
-from ._fold import bn_scale_shift
+from ._fold import bn_scale_shift, eval_scale_shift
 from ._library import LIB, dense, memory_format, unpack_grads
 from .primitives import acc_dtype, bn_input
 
@@ -48,10 +48,11 @@ def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     acc = acc_dtype(x.dtype)
     if training:
         mean, var = k.channel_stats(x)
+        scale, shift = bn_scale_shift(weight, bias, mean, torch.rsqrt(var + eps))
     else:
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
-    scale, shift = bn_scale_shift(weight, bias, mean, torch.rsqrt(var + eps))
+        scale, shift = eval_scale_shift(running_mean, running_var, weight, bias, eps, acc)
     y = k.bn_act_apply(x, scale, shift, residual, act)
     return y, mean, var
 

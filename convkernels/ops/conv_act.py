@@ -38,14 +38,14 @@ from .primitives import acc_dtype
 OP = "conv_act"
 
 
-def _acc_bias(bias, x):
+def acc_bias(bias, x):
     """The bias as the epilogues take it: a vector in x's accumulation dtype."""
     return None if bias is None else bias.to(acc_dtype(x.dtype)).contiguous()
 
 
 # ------------------------------------------------------------------ inference
 def _eval(x, weight, bias, stride, padding, dilation, groups, act, residual, impl, out):
-    return _conv.conv_act(impl, x, weight, _acc_bias(bias, x), stride, padding, dilation,
+    return _conv.conv_act(impl, x, weight, acc_bias(bias, x), stride, padding, dilation,
                           groups, act, residual, out)
 
 
