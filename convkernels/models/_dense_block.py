@@ -66,7 +66,10 @@ from ..ops.primitives import acc_dtype
 
 _ONE = [1, 1]
 _ZERO = [0, 0]
-_ops = DirectOps()  # torch.ops.convkernels; eagerly, the bodies without the dispatcher
+_ops = torch.ops.convkernels
+# For the eval layers without autograd (batch 1: ~120 calls a forward, where the
+# dispatcher's Python layers are a good part of each); training keeps the ops.
+_direct = DirectOps()
 
 
 @dataclass
@@ -177,10 +180,10 @@ def _eval_layer_cpu(prefix, bn1, w1, b1, cw1, bn2, w2, b2, cw2, new):
     norm2 is folded into conv1 (cached folded weights) with relu2 as oneDNN's
     post-op, which saves the pass over the bottleneck that norm2-relu2 would
     take, then conv2 writes the layer's channels."""
-    t = _ops.bn_act_forward(prefix, w1, b1, None, bn1.running_mean, bn1.running_var, False,
-                            bn1.eps, "relu", "cpu")[0]
-    u = _ops.conv_bn_act_eval(t, cw1, None, bn2.running_mean, bn2.running_var, w2, b2, bn2.eps,
-                              _ONE, _ZERO, _ONE, 1, "relu", None, "cpu")
+    t = _direct.bn_act_forward(prefix, w1, b1, None, bn1.running_mean, bn1.running_var, False,
+                               bn1.eps, "relu", "cpu")[0]
+    u = _direct.conv_bn_act_eval(t, cw1, None, bn2.running_mean, bn2.running_var, w2, b2, bn2.eps,
+                                 _ONE, _ZERO, _ONE, 1, "relu", None, "cpu")
     del t
     new.copy_(torch.ops.aten.convolution(u, cw2, None, _ONE, _ONE, _ONE, False, _ZERO, 1))
 
