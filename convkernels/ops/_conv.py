@@ -135,6 +135,7 @@ def _gemm_plan(x, weight, bias, stride, act, residual):
     residual and activation in one pass over the result, in place."""
     epilogue = None
     if bias is not None or residual is not None or act != "identity":
+        # The vectors for the result's channels and dtype (an empty stand-in for it).
         epilogue = unit_scale_shift(bias, x.new_empty((0, weight.size(0))))
 
     def run(x, residual, out):
