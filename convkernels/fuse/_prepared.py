@@ -17,9 +17,11 @@ oneDNN or GEMM (``ops._conv.cpu_conv_plan``) — depends only on:
 
 The first call runs the public op (its checks included, so a bad module gets
 the op's error) and keeps the plan, keyed by the conv module; a later call with
-all of the above unchanged runs the plan directly: about 10 us of Python
-instead of about 60 (2-core EPYC), which at batch 1 is a good part of a small
-conv's time. Any change prepares again. Whether the call is one the plan may
+all of the above unchanged runs the plan directly. Measured on a 1x16x8x8 3x3
+conv (1 thread, quiet 2-core EPYC): 74 us a part call against 119 us through
+the op, of which the oneDNN call and relu pass are 31 us; the rest is the
+guard's and these checks' Python, which at batch 1 is still a good part of a
+small conv's time. Any change prepares again. Whether the call is one the plan may
 take at all (grad mode, autocast, backend, tracing) is decided on every call.
 Sources that are inference tensors (a model built under inference mode) have
 no version counter: their calls are never kept.
