@@ -55,7 +55,7 @@ GRAD_TOL = 1e-6  # float64
 # but two that add only depth (~60 s of the 2-core machine's make test).
 _DEPTH_ONLY = ("preact_resnet34", "preact_resnet101")
 REPRESENTATIVES = ("densenet121", "resnet18", "resnet50", "googlenet", "inception_v3",
-                   "efficientnet_v2_s", "regnet_y_400mf",
+                   "efficientnet_v2_s", "regnet_y_400mf", "vgg11_bn",
                    *(c.name for c in SEED_CASES if c.name not in _DEPTH_ONLY))
 ALL = os.environ.get("CONVKERNELS_CONTRACT") == "all"
 CASES = {c.name: c for c in all_cases()}

@@ -15,7 +15,7 @@ import copy
 from torch import nn
 
 # Importing a family registers it: torchvision's, timm's, then the seed models'.
-from . import densenet, inception, mobile, resnet, sequential, timm  # noqa: F401
+from . import densenet, inception, mobile, resnet, sequential, timm, vgg  # noqa: F401
 from . import anynet, dense1d, highway, preact  # noqa: F401
 from ._bind import bind, mark_scriptable, unbind
 from ._registry import family_of
