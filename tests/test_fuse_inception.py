@@ -301,3 +301,30 @@ def test_vgg_fuses_every_conv():
         assert len(report.fused) == convs and not report.left
         op = "conv_bn_act" if bn else "conv_act"
         assert all(p.op.startswith(op + "(") for p in report.fused)
+
+
+def test_vgg_trunk_layout_in_eval_only():
+    """VGG's trunk runs channels_last on CPU in eval (fuse.vgg), the caller's
+    layout in training and wherever a hook on ``features`` would see the
+    converted input; the outputs equal torchvision's either way."""
+    torch.manual_seed(0)
+    ref = torchvision.models.vgg11_bn(num_classes=10)
+    model = convkernels.optimize(ref)
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    model.features[3].register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    for training, hook_features, expected in ((False, False, True), (True, False, False),
+                                              (False, True, False)):
+        model.train(training), ref.train(training)
+        handle = model.features.register_forward_pre_hook(
+            lambda m, a: seen.append(a[0].is_contiguous())) if hook_features else None
+        seen.clear()
+        torch.manual_seed(1)
+        y = model(x)
+        torch.manual_seed(1)
+        close(y, ref(x), 1e-4)
+        assert seen[-1] is expected, (training, hook_features)
+        if handle is not None:
+            assert seen[0] is True  # the hook on features got the caller's NCHW tensor
+            handle.remove()
