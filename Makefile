@@ -10,7 +10,7 @@ PYTHON    ?= $(VENV)/bin/python
 TORCH     ?= torch==2.14.1 torchvision==0.29.1
 # The tests compare against torchvision and timm, run ONNX files in onnxruntime
 # and train on scikit-learn's digits; the model benchmark also measures OpenVINO.
-TEST_DEPS  = pytest ninja numpy matplotlib setuptools wheel tqdm timm onnx onnxscript onnxruntime \
+TEST_DEPS  = pytest pytest-xdist ninja numpy matplotlib setuptools wheel tqdm timm onnx onnxscript onnxruntime \
              scikit-learn
 BENCH_DEPS = openvino
 OUT       ?= benchmarks/results
@@ -36,9 +36,13 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*
 
 build: $(VENV)/.built
 
+# Most tests are small and single-threaded: one pytest worker per core
+# (pytest-xdist; tests/conftest.py gives each its share of torch's threads), with
+# the tests that share an expensive module fixture grouped on one worker.
+TEST_WORKERS ?= $(shell nproc)
 test: build
 	$(PYTHON) -m convkernels info
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: build $(VENV)/.bench-deps
 	$(PYTHON) benchmarks/run_all.py --out $(OUT)

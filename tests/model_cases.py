@@ -17,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+import convkernels
 from convkernels import models
 from reference import anynet as ref_anynet
 from reference import highway as ref_highway
@@ -98,6 +99,34 @@ SEED_CASES = [
     ModelCase("simclr", partial(models.simclr, "preact_resnet18", 16, num_classes=NUM_CLASSES,
                                 width=8),
               _simclr_reference, (3, 32, 32)),
+]
+
+
+def _small_vgg_head(model: nn.Module) -> nn.Module:
+    """torchvision's VGG with its classifier (25088 -> 4096 -> 4096 -> classes:
+    103M of vgg11_bn's 110M parameters, plain Linear/ReLU/Dropout that
+    convkernels leaves alone) replaced by one of the same layers at width 64."""
+    width, head = 64, model.classifier
+    model.classifier = nn.Sequential(
+        nn.Linear(head[0].in_features, width), nn.ReLU(True), nn.Dropout(),
+        nn.Linear(width, width), nn.ReLU(True), nn.Dropout(), nn.Linear(width, head[-1].out_features))
+    return model
+
+
+def _optimized(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    return lambda **kwargs: convkernels.optimize(build(**kwargs), inplace=True)
+
+
+def _vgg11_bn_head64(**kwargs) -> nn.Module:
+    return _small_vgg_head(torchvision.models.vgg11_bn(**{"num_classes": NUM_CLASSES, **kwargs}))
+
+
+# Representatives for the contract's default set, not builders: a fused family
+# on a model whose unfused remainder is cut to size (the full builders are the
+# cases above, run with CONVKERNELS_CONTRACT=all and by `verify`).
+REDUCED_CASES = [
+    ModelCase("vgg11_bn_head64", _optimized(_vgg11_bn_head64), _vgg11_bn_head64, (3, 64, 64),
+              seeded=True),
 ]
 
 

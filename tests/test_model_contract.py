@@ -44,7 +44,7 @@ from torchvision.models import feature_extraction  # noqa: E402
 
 import convkernels  # noqa: E402
 from convkernels.fuse._bind import bound  # noqa: E402
-from model_cases import SEED_CASES, all_cases, builder_names, image  # noqa: E402
+from model_cases import REDUCED_CASES, SEED_CASES, all_cases, builder_names, image  # noqa: E402
 from model_checks import ConvkernelsOps, one_thread, randomise_bn  # noqa: E402,F401
 
 OUT_TOL = 1e-4   # fp32
@@ -54,11 +54,13 @@ GRAD_TOL = 1e-6  # float64
 # test_every_builder_is_covered), and the seed models (small at their case widths)
 # but two that add only depth (~60 s of the 2-core machine's make test).
 _DEPTH_ONLY = ("preact_resnet34", "preact_resnet101")
+# vgg11_bn's family runs on a VGG with a small classifier (model_cases.REDUCED_CASES:
+# the full one's 103M parameters took ~200 s of make test).
 REPRESENTATIVES = ("densenet121", "resnet18", "resnet50", "googlenet", "inception_v3",
-                   "efficientnet_v2_s", "regnet_y_400mf", "vgg11_bn",
+                   "efficientnet_v2_s", "regnet_y_400mf", "vgg11_bn_head64",
                    *(c.name for c in SEED_CASES if c.name not in _DEPTH_ONLY))
 ALL = os.environ.get("CONVKERNELS_CONTRACT") == "all"
-CASES = {c.name: c for c in all_cases()}
+CASES = {c.name: c for c in all_cases() + REDUCED_CASES}
 CONTRACT = list(CASES.values()) if ALL else [CASES[n] for n in REPRESENTATIVES]
 
 
@@ -157,7 +159,10 @@ class Probe:
                    _middle(bns) or _middle(convs), tuple(nodes))
 
 
-@pytest.fixture(scope="module", params=CONTRACT, ids=lambda c: c.name)
+# One xdist worker per model (``make test``'s --dist loadgroup): ``built`` and
+# ``probe`` are made once per model, not once per worker.
+@pytest.fixture(scope="module", params=[pytest.param(c, id=c.name, marks=pytest.mark.xdist_group(c.name))
+                                        for c in CONTRACT])
 def case(request):
     return request.param
 

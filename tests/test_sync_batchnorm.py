@@ -15,8 +15,9 @@ from torch import nn
 import convkernels
 from convkernels.nn import BatchNormAct2d, SyncBatchNormAct2d, convert_sync_batchnorm
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available"),
+              pytest.mark.xdist_group("sync_batchnorm")]  # one gloo group for every case
 
 # One rank: runs its half of the batch of every case, saves what it saw.
 _RANK = """

@@ -29,6 +29,7 @@ import convkernels.triton_kernels as tk  # noqa: E402
 from convkernels.triton_kernels import aot  # noqa: E402
 from convkernels.triton_kernels import activations  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("triton_aot")  # one compile subprocess for every case
 ARCHS = (80, 90)
 CASES = tk.compile_cases()
 CASE_NAMES = [c.name for c in CASES]
