@@ -8,8 +8,12 @@
 // tile, never the M x M matrix. The forward keeps an online logsumexp per row;
 // the backward recomputes each tile, turns it into the weights W in place and
 // accumulates W @ u_cols into the block's gradient rows with a second GEMM.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>

@@ -17,9 +17,14 @@
 // where apply processes the V contiguous elements at `off` (p[j] for element j).
 #pragma once
 
-#include <ATen/ATen.h>
+// Per-op headers, not <ATen/ATen.h>, whose every op's declarations cost each
+// .cu file's host and device passes (measured: 85 -> 67 s for bn_act_kernels.cu).
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 

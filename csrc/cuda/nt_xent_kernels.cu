@@ -10,9 +10,12 @@
 // lane, merged across the warp at the end; the backward recomputes each tile,
 // turns it into the weights W and accumulates W @ u_tile into the features of
 // its block's chunk (blockIdx.y). Nothing of size M x M is ever stored.
-#include <ATen/ATen.h>
+// Per-op headers, not <ATen/ATen.h> (see common.cuh).
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
