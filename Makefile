@@ -38,11 +38,12 @@ build: $(VENV)/.built
 
 # Most tests are small and single-threaded: one pytest worker per core
 # (pytest-xdist; tests/conftest.py gives each its share of torch's threads), with
-# the tests that share an expensive module fixture grouped on one worker.
+# the tests that share an expensive module fixture grouped on one worker; the
+# log ends with the 30 slowest (what to trim when the run nears 30 minutes).
 TEST_WORKERS ?= $(shell nproc)
 test: build
 	$(PYTHON) -m convkernels info
-	$(PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 bench: build $(VENV)/.bench-deps
 	$(PYTHON) benchmarks/run_all.py --out $(OUT)

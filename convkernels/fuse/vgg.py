@@ -8,7 +8,8 @@ Measured on vgg16_bn, 2-core AMD EPYC (AVX2), eval batch 1, one run of
 bench_models: convkernels on the caller's NCHW input 0.93x torchvision eager,
 torchvision's own channels_last 1.17x; with it, 1.28x (batch 8: 1.37x). Training
 keeps the caller's layout: in one run a batch-16 training step was 0.91x
-for torchvision's own channels_last and 0.88x for this trunk layout. The VGGs
+for torchvision's own channels_last and 0.88x for this trunk layout (on the
+caller's NCHW input, 1.03x in a later run). The VGGs
 without BN and AlexNet keep the caller's layout: not measured.
 
 A hook on ``features`` (or a forward set on it) would see the converted input,
