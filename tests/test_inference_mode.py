@@ -51,7 +51,7 @@ MODULES = {
     "bn_act_conv": (lambda: _randomised(cnn.BNActConv2d(4, 6, 3, padding=1, act="relu")),
                     (2, 4, 6, 5), True),
     # 16x16: 4x4 maps in the first block, 2x2 in the second (eval only: no BN
-    # statistics over too few values), a quarter of 32x32's interpreter time
+    # statistics over too few values), fewer Triton-interpreter programs than 32x32
     "densenet-small": (lambda: models.DenseNet(**SMALL_DENSENET), (2, 3, 16, 16), True),
     "densenet121": (lambda: models.densenet121(num_classes=10), (1, 3, 32, 32), False),
     # The fused parts' prepared calls (fuse/_prepared.py) with a residual join.
