@@ -355,8 +355,10 @@ def plot(csv_path: str, png_path: str) -> str:
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.0 + 0.9 * len(panels) * 2.2),
                              squeeze=False)
     for ax, (case, kind) in zip(axes[:, 0], panels):
-        rs = [r for r in rows if r["case"] == case]
-        base = next(r for r in rs if r["variant"] == BASELINE)
+        base = next(r for r in rows if r["case"] == case and r["variant"] == BASELINE)
+        # The latest run only: a variant it left out (make bench's default has no
+        # torch.compile) keeps its older row in the CSV, with that run's ratio.
+        rs = [r for r in rows if r["case"] == case and r["date"] >= base["date"]]
         names = [r["variant"] for r in rs]
         if kind == "speed":
             vals = [float(r["speedup_vs_eager"]) for r in rs]

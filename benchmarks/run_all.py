@@ -1,7 +1,8 @@
 """Runs the DenseNet and whole-model benchmarks and every op benchmark, then plots the speedups.
 
-    PYTHONPATH=. python benchmarks/run_all.py            # densenet121 train/eval; models: resnet50, densenet121 eval1; ops quick: headline + 3 model shapes; conv: 7 convs, eval; nt_xent N 256, 1024 (op benches without torch.compile)
-    PYTHONPATH=. python benchmarks/run_all.py --full     # every ResNet-50 / DenseNet-121 BN and conv shape, torch.compile everywhere
+    PYTHONPATH=. python benchmarks/run_all.py            # densenet121 train/eval; models: resnet50, densenet121 eval1; ops quick: headline + 3 model shapes; conv: 7 convs, eval; nt_xent N 256, 1024 (no torch.compile)
+    PYTHONPATH=. python benchmarks/run_all.py --compile  # the same with the torch.compile variants
+    PYTHONPATH=. python benchmarks/run_all.py --full     # every ResNet-50 / DenseNet-121 BN and conv shape, all seven models, torch.compile everywhere
     PYTHONPATH=. python benchmarks/run_all.py --benches conv_bn_act   # one bench (+ its plot)
     PYTHONPATH=. python benchmarks/run_all.py --plot-only
 
@@ -127,8 +128,8 @@ def main(argv=None) -> None:
     ap.add_argument("--benches", default=",".join(BENCHES), help="comma list of " + ",".join(BENCHES))
     ap.add_argument("--plot-only", action="store_true", help="only redraw the plot from the CSV")
     ap.add_argument("--plot-max-cases", type=int, default=80)
-    ap.add_argument("--op-compile", action="store_true",
-                    help="the op benches' torch.compile variant without --full too")
+    ap.add_argument("--compile", action="store_true",
+                    help="the torch.compile variants without --full too")
     own, rest = ap.parse_known_args(argv)
     # The shared options, parsed once to learn the device and the output dir.
     common = timing.common_args(argparse.ArgumentParser(add_help=False)).parse_args(rest)
@@ -139,15 +140,15 @@ def main(argv=None) -> None:
     if not own.plot_only:
         import importlib
 
-        # The quick default fits in 15 minutes on the 2-core CPU (944 s with the op
-        # benches' compile variant, ~40% of their time in inductor warm-ups); DenseNet
-        # keeps its torch.compile variant.
-        op_rest = rest if common.full or own.op_compile else rest + ["--no-compile"]
+        # The quick default leaves torch.compile out (--compile or --full put it
+        # back): its inductor warm-ups were most of a 20.5-minute run on the 2-core
+        # AVX2 EPYC (DenseNet's train and eval 357 s + 109 s, the op benches' ~40%
+        # of theirs), and make bench is to fit in 15.
+        bench_rest = rest if common.full or own.compile else rest + ["--no-compile"]
         for b in benches:
             if b not in BENCHES:
                 raise SystemExit(f"unknown bench {b!r}; expected one of {list(BENCHES)}")
-            importlib.import_module(BENCHES[b]).main(rest if b in ("densenet", "models")
-                                                     else op_rest)
+            importlib.import_module(BENCHES[b]).main(bench_rest)
         print(f"[run_all] benches done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     csv_path = os.path.join(common.out, f"{dev_name}.csv")
     if not os.path.exists(csv_path):
