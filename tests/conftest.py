@@ -1,6 +1,7 @@
 import os
 import tempfile
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter. The
@@ -27,3 +28,19 @@ def pytest_configure(config):
     # the tests sharing an expensive module fixture); declared here too so that
     # a run without xdist does not warn.
     config.addinivalue_line("markers", "xdist_group(name): run these tests on one xdist worker")
+
+    # pytest-xdist 3.8's --dist loadgroup tags each grouped test by setting an
+    # attribute that pytest 9.2's structured test ids ignore: the groups then
+    # silently split across workers, each building the group's fixtures again
+    # (the AOT compile of every kernel twice at once). Stop with the fix instead.
+    if config.getoption("dist", None) == "loadgroup" and _version(pytest.__version__) >= (9, 2):
+        import xdist
+
+        if _version(xdist.__version__) <= (3, 8):
+            raise pytest.UsageError(
+                f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} ignores "
+                "xdist_group under --dist loadgroup: pip install 'pytest<9.2' (the Makefile's pin)")
+
+
+def _version(v):
+    return tuple(int(p) for p in v.split(".")[:2])
