@@ -12,7 +12,7 @@ TORCH     ?= torch==2.14.1 torchvision==0.29.1
 # and train on scikit-learn's digits; the model benchmark also measures OpenVINO.
 # pytest < 9.2: pytest-xdist 3.8's --dist loadgroup tags test ids in a way that
 # pytest 9.2's structured ids ignore (tests/conftest.py stops the run if so).
-TEST_DEPS  = 'pytest<9.2' pytest-xdist ninja numpy matplotlib setuptools wheel tqdm timm onnx onnxscript onnxruntime \
+TEST_DEPS  = 'pytest<9.2' pytest-xdist matplotlib tqdm timm onnx onnxscript onnxruntime \
              scikit-learn
 BENCH_DEPS = openvino
 OUT       ?= benchmarks/results
@@ -22,13 +22,23 @@ export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/c
 
 .PHONY: test bench gpu build clean
 
+# torch and what building _C needs; a change here rebuilds _C.
 $(VENV)/.deps:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade --quiet pip
-	$(VENV)/bin/pip install --quiet $(TORCH) $(TEST_DEPS)
+	$(VENV)/bin/pip install --quiet $(TORCH) ninja setuptools wheel numpy
 	touch $@
 
-$(VENV)/.bench-deps: $(VENV)/.deps
+# The test dependencies' stamp is named after their list, so that a changed
+# list (a pin, a new package) is installed into an existing venv too, without
+# rebuilding _C.
+TEST_STAMP = $(VENV)/.test-deps-$(shell printf '%s' "$(TEST_DEPS)" | cksum | cut -d' ' -f1)
+$(TEST_STAMP): $(VENV)/.deps
+	$(VENV)/bin/pip install --quiet $(TEST_DEPS)
+	rm -f $(VENV)/.test-deps-*
+	touch $@
+
+$(VENV)/.bench-deps: $(TEST_STAMP)
 	$(VENV)/bin/pip install --quiet $(BENCH_DEPS)
 	touch $@
 
@@ -43,7 +53,7 @@ build: $(VENV)/.built
 # the tests that share an expensive module fixture grouped on one worker; the
 # log ends with the 30 slowest (what to trim when the run nears 30 minutes).
 TEST_WORKERS ?= $(shell nproc)
-test: build
+test: build $(TEST_STAMP)
 	$(PYTHON) -m convkernels info
 	$(PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
