@@ -146,6 +146,27 @@ def test_tracing_records_the_ops(target):
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_direct_ops_first_looked_up_under_compile(target):
+    """DirectOps resolves an op on its first use; when that first use is inside
+    torch.compile(fullgraph=True) the trace must still get the op (the lookup
+    itself is not traceable), and later eager calls the direct body."""
+    from convkernels.ops._library import DirectOps
+
+    x, _, w, b, rm, rv, _ = _bn_samples(target.device)
+    direct = DirectOps()  # nothing looked up yet
+
+    def eval_bn(x):
+        return direct.bn_act_forward(x, w, b, None, rm, rv, False, 1e-5, "relu", target.backend)[0]
+
+    with on(target), torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(eval_bn, fullgraph=True, backend="eager")(x)
+        torch.testing.assert_close(compiled, eval_bn(x))
+        torch.testing.assert_close(compiled, torch.relu(torch.nn.functional.batch_norm(
+            x, rm, rv, w, b, False, 0.0, 1e-5)))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
 def test_conv_act_ops(target):
     impl = target.backend
     x, cw, cb = _conv_samples(target.device)

@@ -79,6 +79,11 @@ class DirectOps:
 
     def __getattr__(self, name: str):
         op = getattr(torch.ops.convkernels, name)
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace the lookup below (OPDEFS holds weak references)
+            # and a trace would take the op anyway: give it the op, cache nothing,
+            # so a first call under torch.compile works like any later one.
+            return op
         from torch._library import custom_ops  # the Python ops' bodies, by qualified name
 
         opdef = getattr(custom_ops, "OPDEFS", {}).get(f"convkernels::{name}")
