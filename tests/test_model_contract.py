@@ -45,7 +45,8 @@ from torchvision.models import feature_extraction  # noqa: E402
 import convkernels  # noqa: E402
 from convkernels.fuse._bind import bound  # noqa: E402
 from model_cases import REDUCED_CASES, SEED_CASES, all_cases, builder_names, image  # noqa: E402
-from model_checks import ConvkernelsOps, one_thread, randomise_bn  # noqa: E402,F401
+from model_checks import (ConvkernelsOps, assert_grads_and_buffers_match, one_thread,  # noqa: E402,F401
+                          randomise_bn)
 
 OUT_TOL = 1e-4   # fp32
 GRAD_TOL = 1e-6  # float64
@@ -613,6 +614,29 @@ def test_jit_script_works_as_the_references_or_names_torch_export(built, case):
     x = image(case)
     with torch.no_grad():
         close(scripted(x), want[1](x) if want[0] == "ok" else ref(x), "scripted")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_torch_compile_fullgraph(built, case, train):
+    """``torch.compile(fullgraph=True)`` traces ours with no graph break (the
+    fused ops and their autograd included) and gives the reference's results:
+    eval outputs in fp32; in training, in float64 (see _eval_and_train_match),
+    the outputs, the input and parameter gradients and the running statistics.
+    aot_eager: the trace is what is tested, inductor's code generation is torch's."""
+    dtype = torch.float64 if train else torch.float32
+    ours, ref = fresh(built, dtype)
+    ours.train(train), ref.train(train)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager", dynamic=False)
+    x = image(case, dtype=dtype)
+    if not train:
+        with torch.no_grad():
+            close(seeded(compiled, x), seeded(ref, x), "compiled, eval")
+        return
+    (y, gx), (y_ref, gx_ref) = _forward_backward(compiled, x), _forward_backward(ref, x)
+    close(y, y_ref, "compiled, train")
+    close(gx, gx_ref, "compiled, input gradient")
+    assert_grads_and_buffers_match(ours, ref, GRAD_TOL)
 
 
 # ----------------------------------------------------------------- (9) caches
