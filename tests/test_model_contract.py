@@ -6,6 +6,7 @@ weights, randomised BN affine parameters and running statistics) on small
 inputs: inference mode, NaN propagation, hooks (per module and global),
 parametrizations, replaced submodules, submodules called on their own,
 SyncBatchNorm, FX and feature extraction, torch.export, ONNX, TorchScript,
+torch.compile (fullgraph),
 caches, and torchvision's ModelTester checks (seeded init, eval backprop).
 Which submodules are hooked, replaced or extracted is chosen from each model
 (``Probe``), so a model joins by having a case, not by new test code.

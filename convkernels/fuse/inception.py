@@ -12,7 +12,9 @@ Inception v3's ``InceptionA`` to ``InceptionE``).
   on it or on its conv or BN, a replaced class) runs its modules and its
   result is copied into the slice; the other branches stay fused. A result
   that does not fit its slice (a hook returned another shape or dtype) makes
-  the block concatenate what it has, as torchvision does.
+  the block concatenate what it has, as torchvision does. Under torch.compile
+  the block concatenates too: Dynamo takes no out= that is not contiguous,
+  and inductor places the branches' results in the output itself.
 
 The top-level models, their aux classifiers and transform_input are
 torchvision's own forwards: they only call BasicConv2d and the blocks.
