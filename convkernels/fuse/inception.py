@@ -176,9 +176,7 @@ def inception_forward(block: nn.Module, x: Tensor) -> Tensor:
     if plan is None:  # torchvision's forward (its BasicConv2d still fused)
         return type(block).forward(block, x)
     channels = sum(w for _, heads in plan for _, w in heads)
-    # Dynamo refuses an out= that is not contiguous: under torch.compile the
-    # branches' results are concatenated (inductor places them itself).
-    into_slices = not torch.compiler.is_compiling()
+    into_slices = not torch.compiler.is_compiling()  # see the module docstring
     buf, offset, parts, whole = None, 0, [], into_slices
     for stem, heads in plan:
         y = x
@@ -186,10 +184,10 @@ def inception_forward(block: nn.Module, x: Tensor) -> Tensor:
             y = s(y)
         for head, width in heads:
             fused = head is not None and _fusable_basic(head)
-            if not into_slices:
-                parts.append(_basic(head, y) if fused else y if head is None else head(y))
-                continue
             z = None if fused else y if head is None else head(y)
+            if not into_slices:
+                parts.append(_basic(head, y) if fused else z)
+                continue
             if buf is None:  # the output's size is known from the first head on
                 dtype, *hw = (z.dtype, *z.shape[2:]) if z is not None else _conv_out(head, y)
                 buf = torch.empty((x.size(0), channels, *hw), dtype=dtype, device=x.device,
