@@ -39,6 +39,15 @@ int64_t parallel_threads() {
 
 // TORCH_CUDA_ARCH_LIST of the CUDA part ("" without one): which GPUs it has code for.
 std::string cuda_arch_list() { return CONVKERNELS_CUDA_ARCHS; }
+
+// The SIMD level the CPU kernels were built for ("AVX2" or "DEFAULT").
+std::string cpu_capability() {
+#if defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#else
+  return "DEFAULT";
+#endif
+}
 }  // namespace
 
 TORCH_LIBRARY(convkernels_C, m) {
@@ -55,6 +64,11 @@ TORCH_LIBRARY(convkernels_C, m) {
       "bn_act_backward_apply(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor? residual, "
       "str act, Tensor k1, Tensor k2, Tensor k3, bool need_grad_x, bool need_grad_residual) "
       "-> (Tensor grad_x, Tensor grad_residual)");
+  // Direct NHWC fp32 conv for CPU inference (cpu/conv_nhwc_cpu.cpp), into out.
+  m.def(
+      "conv2d_nhwc_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, Tensor? residual, "
+      "int[] stride, int[] padding, int[] dilation, str act) -> ()");
+  m.def("cpu_capability() -> str", &cpu_capability);
   m.def("add_act_forward(Tensor x, Tensor residual, Tensor? scale, str act) -> Tensor");
   m.def(
       "add_act_backward(Tensor grad_y, Tensor x, Tensor residual, Tensor? scale, str act, "

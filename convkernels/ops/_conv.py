@@ -13,6 +13,7 @@ import torch
 
 from .. import backend
 from ._checks import conv_output_size
+from ._conv_direct import direct_pays, direct_plan
 from ._fold import FOLD_CACHE
 from ._gemm1x1 import gemm_backward_pays, gemm_conv, gemm_conv_backward, gemm_pays
 from ._library import dense, into, memory_format
@@ -151,7 +152,10 @@ def cpu_conv_plan(x, weight, bias, stride, padding, dilation, groups, act, resid
     """How the CPU fp32 inference conv with its epilogue runs for inputs like
     ``x`` and ``residual`` (shape, layout): ``run(x, residual, out)``, holding
     the weight in the layout it needs. A GEMM for a 1x1 conv where that pays,
-    else oneDNN with post-ops."""
+    convkernels' direct NHWC kernel where that does (_conv_direct.py), else
+    oneDNN with post-ops."""
+    if direct_pays(x, weight, groups, act):
+        return direct_plan(x, weight, bias, stride, padding, dilation, act, residual)
     if x.is_contiguous() and gemm_pays(x, weight, stride, padding, groups):
         return _gemm_plan(x, weight, bias, stride, act, residual)
     return _onednn_plan(x, weight, bias, stride, padding, dilation, groups, act, residual)

@@ -1,0 +1,63 @@
+"""convkernels' own NHWC convolution for CPU fp32 inference
+(csrc/cpu/conv_nhwc_cpu.cpp), where it beats oneDNN.
+
+It takes a channels_last input with at least 16 channels, groups == 1, and
+relu or identity after bias (+ residual), all applied in registers: oneDNN
+needs a separate pass for relu (its post-op maps NaN to 0). The weight is
+packed once into the kernel's [ceil(Cout/16), KH, KW, Cin, 16] panels and
+cached until it changes. The stem's 3-channel conv and grouped or depthwise
+convs stay on oneDNN, which is faster there (3->64 7x7: 0.4-0.6x).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._checks import conv_output_size
+from ._fold import FOLD_CACHE
+from ._library import into, memory_format
+from .primitives import is_channel_slice
+
+_PANEL = 16  # output channels of a packed panel (two AVX2 vectors)
+_MIN_CIN = 16  # fewer input channels: the per-tap overhead dominates
+
+
+@functools.lru_cache(maxsize=None)
+def _built_with_avx2() -> bool:
+    return torch.ops.convkernels_C.cpu_capability() == "AVX2"
+
+
+def direct_pays(x, weight, groups, act) -> bool:
+    """Whether the direct kernel takes this conv (see the module docstring)."""
+    return (groups == 1 and act in ("relu", "identity") and weight.size(1) >= _MIN_CIN
+            and memory_format(x) == torch.channels_last and _built_with_avx2())
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [Cout, Cin, KH, KW] as [ceil(Cout/16), KH, KW, Cin, 16], zero-padded."""
+    cout, cin, kh, kw = weight.shape
+    panels = -(-cout // _PANEL)
+    padded = weight.new_zeros((panels * _PANEL, cin, kh, kw))
+    padded[:cout] = weight
+    return padded.view(panels, _PANEL, cin, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def direct_plan(x, weight, bias, stride, padding, dilation, act, residual):
+    """``run(x, residual, out)`` for inputs shaped as ``x``, computing ``act(conv2d(x, weight) + bias (+
+    residual))`` channels_last, straight into ``out`` where out is a
+    channels_last channel slice and no residual is read (the kernel's output
+    may not overlap its inputs, which a residual view of out could)."""
+    packed = FOLD_CACHE.get((weight,), ("direct-packed",), lambda: pack(weight.detach()))
+    args = (list(stride), list(padding), list(dilation), act)
+    shape = (x.size(0), weight.size(0), *conv_output_size("conv", x, weight, stride, padding,
+                                                          dilation))
+
+    def run(x, residual, out):
+        direct = (out is not None and residual is None
+                  and is_channel_slice(out, torch.channels_last))
+        y = out if direct else torch.empty(shape, dtype=x.dtype,
+                                           memory_format=torch.channels_last)
+        torch.ops.convkernels_C.conv2d_nhwc_(y, x, packed, bias, residual, *args)
+        return y if out is None or direct else into(y, out)
+    return run

@@ -1,0 +1,197 @@
+"""The CPU direct NHWC conv kernel (csrc/cpu/conv_nhwc_cpu.cpp, called through
+ops/_conv_direct.py) against F.conv2d in float64, on the shapes its tiling
+splits differently: output channels not a multiple of its 16-channel panels,
+pixel counts not a multiple of its 6-row tiles (and tiles across samples), a
+reduction longer than one 512-channel block, padding, stride and dilation; its
+epilogue (bias, residual, NaN-keeping relu), a channel-slice output, the
+choice of it by the CPU conv plan, and its argument checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convkernels
+from convkernels import backend
+from convkernels.ops import _conv, _conv_direct
+from convkernels.ops._checks import conv_output_size
+
+from harness import make, vector
+
+pytestmark = pytest.mark.skipif(not backend.available("cpu", "cpu"),
+                                reason="convkernels._C not built")
+AVX2 = backend.available("cpu", "cpu") and torch.ops.convkernels_C.cpu_capability() == "AVX2"
+needs_avx2 = pytest.mark.skipif(not AVX2, reason="_C built without AVX2")
+
+C_ = torch.ops.convkernels_C
+CL = torch.channels_last
+
+# (batch, cin, cout, k, stride, padding, dilation, (h, w))
+SHAPES = {
+    "3x3": (2, 16, 32, 3, 1, 1, 1, (7, 9)),
+    "cout-tail": (1, 24, 19, 3, 1, 1, 1, (5, 5)),
+    "tiles-span-samples": (3, 16, 40, 1, 1, 0, 1, (5, 5)),  # 75 pixels: 13 tiles of 5-6
+    "stride2-pad": (2, 20, 33, 3, 2, 2, 1, (9, 10)),
+    "dilation2": (1, 16, 16, 3, 1, 2, 2, (8, 8)),
+    "5x5": (1, 17, 8, 5, 1, 2, 1, (6, 7)),
+    "long-1x1": (1, 1100, 24, 1, 1, 0, 1, (3, 4)),  # one tap split into slices of 512
+    "long-3x3": (1, 300, 20, 3, 1, 1, 1, (4, 4)),  # taps grouped into several blocks
+    "no-padding-edge": (2, 16, 16, 3, 2, 0, 1, (7, 6)),
+}
+
+
+def _conv_inputs(shape, seed=0, residual=True, bias=True):
+    n, cin, cout, k, *_, (h, w) = shape
+    x = make((n, cin, h, w), torch.float32, "cpu", seed=seed).contiguous(memory_format=CL)
+    wt = make((cout, cin, k, k), torch.float32, "cpu", seed=seed + 1) / (cin * k * k) ** 0.5
+    b = vector(cout, torch.float32, "cpu", seed + 2, -0.3, 0.3) if bias else None
+    return x, wt, b
+
+
+def _reference(x, wt, b, r, shape, act):
+    s, p, d = shape[4:7]
+    z = F.conv2d(x.double(), wt.double(), None if b is None else b.double(), s, p, d)
+    if r is not None:
+        z = z + r.double()
+    return z.relu() if act == "relu" else z
+
+
+def _direct(x, wt, b, r, shape, act, out=None):
+    s, p, d = shape[4:7]
+    oh, ow = conv_output_size("test", x, wt, (s, s), (p, p), (d, d))
+    if out is None:
+        out = torch.empty((x.size(0), wt.size(0), oh, ow)).contiguous(memory_format=CL)
+    C_.conv2d_nhwc_(out, x, _conv_direct.pack(wt), b, r, [s, s], [p, p], [d, d], act)
+    return out
+
+
+@needs_avx2
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("act", ["relu", "identity"])
+@pytest.mark.parametrize("epilogue", ["bias+residual", "none"])
+def test_matches_conv2d(name, act, epilogue):
+    shape = SHAPES[name]
+    with_extras = epilogue != "none"
+    x, wt, b = _conv_inputs(shape, bias=with_extras)
+    oh, ow = conv_output_size("test", x, wt, *[(v, v) for v in shape[4:7]])
+    r = make((shape[0], shape[2], oh, ow), torch.float32, "cpu", seed=7).contiguous(memory_format=CL) \
+        if with_extras else None
+    y = _direct(x, wt, b, r, shape, act)
+    torch.testing.assert_close(y.double(), _reference(x, wt, b, r, shape, act),
+                               atol=2e-5, rtol=2e-5)
+
+
+@needs_avx2
+def test_writes_a_channel_slice_only():
+    shape = SHAPES["stride2-pad"]
+    x, wt, b = _conv_inputs(shape)
+    base = make((2, 50, 6, 6), torch.float32, "cpu", seed=9).contiguous(memory_format=CL)
+    before = base.clone()
+    out = base[:, 7:40]
+    _direct(x, wt, b, None, shape, "relu", out=out)
+    torch.testing.assert_close(out.double(), _reference(x, wt, b, None, shape, "relu"),
+                               atol=2e-5, rtol=2e-5)
+    assert torch.equal(base[:, :7], before[:, :7]) and torch.equal(base[:, 40:], before[:, 40:])
+
+
+@needs_avx2
+def test_relu_keeps_nan_and_inf():
+    shape = SHAPES["3x3"]
+    x, wt, b = _conv_inputs(shape)
+    x[0, 3, 2, 4] = float("nan")
+    x[1, 0, 5, 1] = float("inf")
+    r = torch.zeros(2, 32, 7, 9).contiguous(memory_format=CL)
+    r[1, 5, 0, 0] = float("nan")
+    y = _direct(x, wt, b, r, shape, "relu")
+    ref = _reference(x, wt, b, r, shape, "relu")
+    assert ref.isnan().any() and ref.isinf().any()
+    torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5, equal_nan=True)
+
+
+@needs_avx2
+@pytest.mark.parametrize("residual", [False, True])
+def test_cpu_conv_plan_runs_it_for_channels_last(monkeypatch, residual):
+    """conv_act in inference takes the direct kernel for a channels_last input
+    with >= 16 channels (not for NCHW, grouped or 3-channel inputs), and gives
+    F.conv2d's result, written into ``out`` when asked."""
+    calls = []
+    plan = _conv.direct_plan
+    monkeypatch.setattr(_conv, "direct_plan", lambda *a: calls.append(1) or plan(*a))
+    shape = SHAPES["3x3"]
+    x, wt, b = _conv_inputs(shape)
+    r = make((2, 32, 7, 9), torch.float32, "cpu", seed=5).contiguous(memory_format=CL) \
+        if residual else None
+    out = torch.empty(2, 40, 7, 9).contiguous(memory_format=CL)[:, 4:36]
+    with torch.no_grad():
+        y = convkernels.ops.conv_act(x, wt, b, (1, 1), (1, 1), (1, 1), 1, "relu", r)
+        convkernels.ops.conv_act(x, wt, b, (1, 1), (1, 1), (1, 1), 1, "relu", r, out=out)
+    assert len(calls) == 2
+    ref = _reference(x, wt, b, r, shape, "relu")
+    assert y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    with torch.no_grad():
+        convkernels.ops.conv_act(x.contiguous(), wt, b, (1, 1), (1, 1), (1, 1), 1, "relu", None)
+        convkernels.ops.conv_act(x, wt[:, :8], b, (1, 1), (1, 1), (1, 1), 2, "relu", None)
+        convkernels.ops.conv_act(x[:, :3], wt[:, :3], b, (1, 1), (1, 1), (1, 1), 1, "relu", None)
+    assert len(calls) == 2
+
+
+@needs_avx2
+def test_packed_weight_follows_the_weight():
+    """The cached packed weight is recomputed after an in-place update."""
+    shape = SHAPES["3x3"]
+    x, wt, b = _conv_inputs(shape)
+    with torch.no_grad():
+        convkernels.ops.conv_act(x, wt, b, (1, 1), (1, 1), (1, 1), 1, "identity", None)
+        wt.mul_(-2)
+        y = convkernels.ops.conv_act(x, wt, b, (1, 1), (1, 1), (1, 1), 1, "identity", None)
+    torch.testing.assert_close(y.double(), _reference(x, wt, b, None, shape, "identity"),
+                               atol=2e-5, rtol=2e-5)
+
+
+def _bad_calls():
+    """{what: (the error it must raise, the arguments)}; out is the first argument."""
+    shape = SHAPES["3x3"]
+    x, wt, b = _conv_inputs(shape)
+    packed = _conv_direct.pack(wt)
+    out = torch.zeros(2, 32, 7, 9).contiguous(memory_format=CL)
+    conv = ([1, 1], [1, 1], [1, 1])
+    same = torch.zeros(2, 16, 7, 9).contiguous(memory_format=CL)  # shaped as x: may be x
+    overlap = "unsupported operation"
+    return {
+        "x-dtype": ("x must be a 4-D float32", (out, x.double(), packed, b, None, *conv, "relu")),
+        "x-nchw": ("x must have unit channel stride",
+                   (out, x.contiguous(), packed, b, None, *conv, "relu")),
+        "out-nchw": ("out must have unit channel stride",
+                     (out.contiguous(), x, packed, b, None, *conv, "relu")),
+        "packed-layout": ("packed must be a contiguous",
+                          (out, x, packed[..., :8], b, None, *conv, "relu")),
+        "packed-panels": ("packed has 2 panels", (out[:, :10], x, packed, b, None, *conv, "relu")),
+        "out-shape": ("out must be", (out[:, :, :6], x, packed, b, None, *conv, "relu")),
+        "act": ("act must be relu or identity", (out, x, packed, b, None, *conv, "silu")),
+        "bias": ("bias must be a float32", (out, x, packed, b[:5], None, *conv, "relu")),
+        "residual-shape": ("residual must be shaped",
+                           (out, x, packed, b, out[:, :, :6], *conv, "relu")),
+        "conv-args": ("stride, padding and dilation",
+                      (out, x, packed, b, None, [1], [1, 1], [1, 1], "relu")),
+        "residual-is-out": (overlap, (out, x, packed, b, out, *conv, "relu")),
+        "x-is-out": (overlap, (same, same, _conv_direct.pack(wt[:16]), None, None, *conv, "relu")),
+    }
+
+
+@needs_avx2
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_bad_input_names_the_argument_and_writes_nothing(case):
+    match, args = _bad_calls()[case]
+    before = args[0].clone()
+    with pytest.raises(RuntimeError, match=match):
+        C_.conv2d_nhwc_(*args)
+    assert torch.equal(args[0], before)
+
+
+@pytest.mark.skipif(AVX2, reason="the error of a build without AVX2")
+def test_without_avx2_it_refuses_and_the_plan_does_not_take_it():
+    shape = SHAPES["3x3"]
+    x, wt, b = _conv_inputs(shape)
+    assert not _conv_direct.direct_pays(x, wt, 1, "relu")
+    with pytest.raises(RuntimeError, match="without AVX2"):
+        _direct(x, wt, b, None, shape, "relu")
