@@ -110,7 +110,8 @@ def test_relu_keeps_nan_and_inf():
 @pytest.mark.parametrize("residual", [False, True])
 def test_cpu_conv_plan_runs_it_for_channels_last(monkeypatch, residual):
     """conv_act in inference takes the direct kernel for a channels_last input
-    with >= 16 channels (not for NCHW, grouped or 3-channel inputs), and gives
+    with >= 16 channels (not for NCHW, grouped or 3-channel inputs, nor a
+    large image: 96x96 output pixels), and gives
     F.conv2d's result, written into ``out`` when asked."""
     calls = []
     plan = _conv.direct_plan
@@ -132,6 +133,8 @@ def test_cpu_conv_plan_runs_it_for_channels_last(monkeypatch, residual):
         convkernels.ops.conv_act(x.contiguous(), wt, b, (1, 1), (1, 1), (1, 1), 1, "relu", None)
         convkernels.ops.conv_act(x, wt[:, :8], b, (1, 1), (1, 1), (1, 1), 2, "relu", None)
         convkernels.ops.conv_act(x[:, :3], wt[:, :3], b, (1, 1), (1, 1), (1, 1), 1, "relu", None)
+        big = make((1, 16, 96, 96), torch.float32, "cpu").contiguous(memory_format=CL)
+        convkernels.ops.conv_act(big, wt, b, (1, 1), (1, 1), (1, 1), 1, "relu", None)
     assert len(calls) == 2
 
 
@@ -192,6 +195,6 @@ def test_bad_input_names_the_argument_and_writes_nothing(case):
 def test_without_avx2_it_refuses_and_the_plan_does_not_take_it():
     shape = SHAPES["3x3"]
     x, wt, b = _conv_inputs(shape)
-    assert not _conv_direct.direct_pays(x, wt, 1, "relu")
+    assert not _conv_direct.direct_pays(x, wt, (1, 1), (1, 1), (1, 1), 1, "relu")
     with pytest.raises(RuntimeError, match="without AVX2"):
         _direct(x, wt, b, None, shape, "relu")

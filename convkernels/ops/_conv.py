@@ -5,7 +5,9 @@ convkernels.triton_kernels.conv2d_fused). ``cpu`` and ``cuda`` run the conv
 itself in aten (oneDNN / cuDNN) and fuse what surrounds it: on CPU, oneDNN's
 post-ops take bias + residual + activation, relu excepted (or, for an NCHW
 1x1 conv on a large image, MKL's batched GEMM and one in-place epilogue
-pass); elsewhere the bn_act_apply primitive is the epilogue.
+pass; for most channels_last inference convs, convkernels' own NHWC kernel
+with the whole epilogue: _conv_direct.py); elsewhere the bn_act_apply
+primitive is the epilogue.
 """
 from __future__ import annotations
 
@@ -154,7 +156,7 @@ def cpu_conv_plan(x, weight, bias, stride, padding, dilation, groups, act, resid
     the weight in the layout it needs. A GEMM for a 1x1 conv where that pays,
     convkernels' direct NHWC kernel where that does (_conv_direct.py), else
     oneDNN with post-ops."""
-    if direct_pays(x, weight, groups, act):
+    if direct_pays(x, weight, stride, padding, dilation, groups, act):
         return direct_plan(x, weight, bias, stride, padding, dilation, act, residual)
     if x.is_contiguous() and gemm_pays(x, weight, stride, padding, groups):
         return _gemm_plan(x, weight, bias, stride, act, residual)

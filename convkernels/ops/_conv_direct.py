@@ -1,12 +1,20 @@
 """convkernels' own NHWC convolution for CPU fp32 inference
-(csrc/cpu/conv_nhwc_cpu.cpp), where it beats oneDNN.
+(csrc/cpu/conv_nhwc_cpu.cpp), where it is at least as fast as oneDNN.
 
-It takes a channels_last input with at least 16 channels, groups == 1, and
-relu or identity after bias (+ residual), all applied in registers: oneDNN
-needs a separate pass for relu (its post-op maps NaN to 0). The weight is
-packed once into the kernel's [ceil(Cout/16), KH, KW, Cin, 16] panels and
-cached until it changes. The stem's 3-channel conv and grouped or depthwise
-convs stay on oneDNN, which is faster there (3->64 7x7: 0.4-0.6x).
+It takes a channels_last input with at least 16 channels, groups == 1, a
+1x1 conv or a small kxk one (below), and relu or identity after bias (+ residual),
+all applied in registers (oneDNN needs a separate pass for relu: its post-op
+maps NaN to 0). The weight is packed once into the kernel's
+[ceil(Cout/16), KH, KW, Cin, 16] panels and cached until it changes.
+
+Measured against oneDNN on a prepacked weight plus the relu pass, taking
+turns on the same tensors (benchmarks/bench_cpu_conv.py, 2-core AMD EPYC VM,
+2 threads, two runs): the convs this module takes ran 0.9-3x oneDNN's speed
+(the small ones gain most: oneDNN's per-call cost), and with this choice the
+models' convs at batch 1 took 1.05-1.06x less time in sum (ResNet-50),
+1.07-1.14x (DenseNet-121), 1.20-1.29x (EfficientNet-B0's 1x1 convs),
+1.04-1.07x (GoogLeNet), 1.00x (VGG-16: all oneDNN); at batch 8 0.99-1.01x.
+The stem's 3-channel conv and grouped or depthwise convs stay on oneDNN.
 """
 from __future__ import annotations
 
@@ -21,6 +29,12 @@ from .primitives import is_channel_slice
 
 _PANEL = 16  # output channels of a packed panel (two AVX2 vectors)
 _MIN_CIN = 16  # fewer input channels: the per-tap overhead dominates
+# oneDNN's blocking is ahead on large compute-bound convs: more output pixels
+# (batch x OH x OW) than _MAX_PIXELS (0.8-0.9x at batch 8 on 56x56 images), or
+# a kxk conv (k > 1) of more than _MAX_KXK_FLOPS (0.89-0.96x at 170-700 MFLOP).
+# Below them oneDNN's per-call cost (~50 us) is much of a small conv's time.
+_MAX_PIXELS = 8192
+_MAX_KXK_FLOPS = 100e6
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,10 +42,15 @@ def _built_with_avx2() -> bool:
     return torch.ops.convkernels_C.cpu_capability() == "AVX2"
 
 
-def direct_pays(x, weight, groups, act) -> bool:
+def direct_pays(x, weight, stride, padding, dilation, groups, act) -> bool:
     """Whether the direct kernel takes this conv (see the module docstring)."""
-    return (groups == 1 and act in ("relu", "identity") and weight.size(1) >= _MIN_CIN
-            and memory_format(x) == torch.channels_last and _built_with_avx2())
+    if not (groups == 1 and act in ("relu", "identity") and weight.size(1) >= _MIN_CIN
+            and memory_format(x) == torch.channels_last and _built_with_avx2()):
+        return False
+    oh, ow = conv_output_size("conv", x, weight, stride, padding, dilation)
+    pixels = x.size(0) * oh * ow
+    return pixels <= _MAX_PIXELS and (weight[0, 0].numel() == 1
+                                      or 2 * pixels * weight.numel() <= _MAX_KXK_FLOPS)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
