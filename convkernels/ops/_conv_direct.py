@@ -11,7 +11,7 @@ Measured against oneDNN on a prepacked weight plus the relu pass, taking
 turns on the same tensors (benchmarks/bench_cpu_conv.py, 2-core AMD EPYC VM,
 2 threads, two runs): the convs this module takes ran 0.9-3x oneDNN's speed
 (the small ones gain most: oneDNN's per-call cost), and with this choice the
-models' convs at batch 1 took 1.05-1.06x less time in sum (ResNet-50),
+models' convs at batch 1 ran 1.05-1.06x faster in sum (ResNet-50),
 1.07-1.14x (DenseNet-121), 1.20-1.29x (EfficientNet-B0's 1x1 convs),
 1.04-1.07x (GoogLeNet), 1.00x (VGG-16: all oneDNN); at batch 8 0.99-1.01x.
 The stem's 3-channel conv and grouped or depthwise convs stay on oneDNN.
