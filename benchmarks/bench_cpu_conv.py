@@ -102,7 +102,8 @@ def main(argv=None) -> list:
     models = [m for m in (args.conv_models or ",".join(SHAPES)).split(",") if m]
     unknown = set(models) - set(SHAPES)
     if unknown:
-        raise SystemExit(f"unknown --conv-models {sorted(unknown)}; expected some of {list(SHAPES)}")
+        raise SystemExit(f"unknown --conv-models {sorted(unknown)}; "
+                         f"expected some of {list(SHAPES)}")
     name = timing.device_name(device, threads)
     csv = timing.ResultsCSV(args.out, name, BENCH, fresh=args.fresh)
     progress = timing.Progress(BENCH, sum(len(SHAPES[m]) for m in models), unit="shapes")

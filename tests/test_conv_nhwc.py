@@ -72,8 +72,10 @@ def test_matches_conv2d(name, act, epilogue):
     with_extras = epilogue != "none"
     x, wt, b = _conv_inputs(shape, bias=with_extras)
     oh, ow = conv_output_size("test", x, wt, *[(v, v) for v in shape[4:7]])
-    r = make((shape[0], shape[2], oh, ow), torch.float32, "cpu", seed=7).contiguous(memory_format=CL) \
-        if with_extras else None
+    r = None
+    if with_extras:
+        r = make((shape[0], shape[2], oh, ow), torch.float32, "cpu", seed=7)
+        r = r.contiguous(memory_format=CL)
     y = _direct(x, wt, b, r, shape, act)
     torch.testing.assert_close(y.double(), _reference(x, wt, b, r, shape, act),
                                atol=2e-5, rtol=2e-5)

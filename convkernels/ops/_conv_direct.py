@@ -2,8 +2,8 @@
 (csrc/cpu/conv_nhwc_cpu.cpp), where it is at least as fast as oneDNN.
 
 It takes a channels_last input with at least 16 channels, groups == 1, a
-1x1 conv or a small kxk one (below), and relu or identity after bias (+ residual),
-all applied in registers (oneDNN needs a separate pass for relu: its post-op
+1x1 conv or a small kxk one (below), and relu or identity after bias (+
+residual), all applied in registers (oneDNN needs a separate pass for relu: its post-op
 maps NaN to 0). The weight is packed once into the kernel's
 [ceil(Cout/16), KH, KW, Cin, 16] panels and cached until it changes.
 
@@ -49,7 +49,7 @@ def direct_pays(x, weight, stride, padding, dilation, groups, act) -> bool:
         return False
     oh, ow = conv_output_size("conv", x, weight, stride, padding, dilation)
     pixels = x.size(0) * oh * ow
-    return pixels <= _MAX_PIXELS and (weight[0, 0].numel() == 1
+    return pixels <= _MAX_PIXELS and (tuple(weight.shape[2:]) == (1, 1)
                                       or 2 * pixels * weight.numel() <= _MAX_KXK_FLOPS)
 
 
@@ -63,10 +63,11 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def direct_plan(x, weight, bias, stride, padding, dilation, act, residual):
-    """``run(x, residual, out)`` for inputs shaped as ``x``, computing ``act(conv2d(x, weight) + bias (+
-    residual))`` channels_last, straight into ``out`` where out is a
-    channels_last channel slice and no residual is read (the kernel's output
-    may not overlap its inputs, which a residual view of out could)."""
+    """``run(x, residual, out)`` for inputs shaped as ``x``, computing
+    ``act(conv2d(x, weight) + bias (+ residual))`` channels_last, straight into
+    ``out`` where out is a channels_last channel slice and no residual is read
+    (the kernel's output may not overlap its inputs, which a residual view of
+    out could)."""
     packed = FOLD_CACHE.get((weight,), ("direct-packed",), lambda: pack(weight.detach()))
     args = (list(stride), list(padding), list(dilation), act)
     shape = (x.size(0), weight.size(0), *conv_output_size("conv", x, weight, stride, padding,

@@ -1,9 +1,10 @@
 // Direct fp32 convolution on channels_last (NHWC) tensors for CPU inference,
 // with its epilogue (bias, residual add, NaN-keeping relu) applied in registers.
 //
-// Why not oneDNN: on ResNet-50's convs at batch 1 (2-core AMD EPYC, AVX2)
-// oneDNN's brgconv:avx2 ran 1.2-1.6x slower than ONNX Runtime's MLAS on every
-// shape, and its relu post-op maps NaN to 0 (so relu ran as a separate pass).
+// Why beside oneDNN: oneDNN's relu post-op maps NaN to 0 (so after a oneDNN
+// conv relu is a separate pass), and on small convs its per-call cost (~50 us)
+// is much of the time. Where each kernel runs, with the measurements:
+// convkernels/ops/_conv_direct.py (benchmarks/bench_cpu_conv.py is the A/B).
 //
 // The conv is an implicit GEMM: output pixels x output channels, reducing over
 // (kernel tap, input channel). A tile is kRows output pixels by kCols output
@@ -13,6 +14,8 @@
 // [ceil(Cout/16), KH, KW, Cin, 16], zero-padded, so a tile streams them
 // contiguously. The reduction is split into blocks of about kBlockK (weights of
 // one block: 32 KiB, L1-sized); between blocks the partial sums live in `out`.
+// Work items are a group of kTilesPerBlock tiles against one panel, panel-minor,
+// so that a thread's consecutive items reuse the group's input pixels.
 // An input pixel outside the image reads a row of zeros.
 //
 // Contract (convkernels/ops/primitives.py): conv2d_nhwc_(out, x, packed, bias,
@@ -206,7 +209,8 @@ void run_tile(int64_t rows, const Geometry& g, int64_t m0, int64_t panel, const 
 // about kBlockK (a block boundary is a pass over out). Returns the block starts.
 std::vector<int64_t> plan_slices(int64_t taps, int64_t cin, std::vector<Slice>& slices) {
   for (int64_t t = 0; t < taps; ++t)
-    for (int64_t c0 = 0; c0 < cin; c0 += kBlockK) slices.push_back({t, c0, std::min(kBlockK, cin - c0)});
+    for (int64_t c0 = 0; c0 < cin; c0 += kBlockK)
+      slices.push_back({t, c0, std::min(kBlockK, cin - c0)});
   std::vector<int64_t> starts{0};
   int64_t k = 0;
   for (size_t i = 0; i < slices.size(); ++i) {
@@ -252,7 +256,8 @@ void conv2d_nhwc__cpu(const Tensor& out, const Tensor& x, const Tensor& packed,
               "conv2d_nhwc_: out must be [", x.size(0), ", ", cout, ", ", oh, ", ", ow, "], got ",
               out.sizes());
   const std::string a(act.data(), act.size());
-  TORCH_CHECK(a == "relu" || a == "identity", "conv2d_nhwc_: act must be relu or identity, got ", a);
+  TORCH_CHECK(a == "relu" || a == "identity", "conv2d_nhwc_: act must be relu or identity, got ",
+              a);
   at::assert_no_overlap(out, x);
   std::vector<float> padded_bias;
   if (bias.has_value()) {
