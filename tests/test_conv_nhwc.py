@@ -1,10 +1,12 @@
 """The CPU direct NHWC conv kernel (csrc/cpu/conv_nhwc_cpu.cpp, called through
-ops/_conv_direct.py) against F.conv2d in float64, on the shapes its tiling
-splits differently: output channels not a multiple of its 16-channel panels,
-pixel counts not a multiple of its 6-row tiles (and tiles across samples), a
-reduction longer than one 512-channel block, padding, stride and dilation; its
-epilogue (bias, residual, NaN-keeping relu), a channel-slice output, the
-choice of it by the CPU conv plan, and its argument checks."""
+ops/_conv_direct.py) against F.conv2d in float64, with each instruction set
+this CPU has (AVX2 and AVX-512 tiles), on the shapes its tiling splits
+differently: output channels not a multiple of its 16- or 32-channel tiles,
+pixel counts not a multiple of its 6- or 12-row tiles (and tiles across
+samples), a reduction longer than one 512- or 256-channel block, padding,
+stride and dilation; its epilogue (bias, residual, relu keeping NaN, silu,
+sigmoid), a channel-slice output, the choice of it by the CPU conv plan, and
+its argument checks."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,11 +20,24 @@ from harness import make, vector
 
 pytestmark = pytest.mark.skipif(not backend.available("cpu", "cpu"),
                                 reason="convkernels._C not built")
-AVX2 = backend.available("cpu", "cpu") and torch.ops.convkernels_C.cpu_capability() == "AVX2"
+AVX2 = backend.available("cpu", "cpu") and torch.ops.convkernels_C.conv_isa() != "none"
 needs_avx2 = pytest.mark.skipif(not AVX2, reason="_C built without AVX2")
+AVX512 = AVX2 and torch.ops.convkernels_C.conv_isa() == "avx512"
 
 C_ = torch.ops.convkernels_C
 CL = torch.channels_last
+ACTS = ["relu", "identity", "silu", "sigmoid"]
+_TORCH_ACT = {"relu": torch.relu, "identity": lambda z: z, "silu": F.silu,
+              "sigmoid": torch.sigmoid}
+
+
+@pytest.fixture(params=["avx2", pytest.param("avx512", marks=pytest.mark.skipif(
+    not AVX512, reason="this CPU has no AVX-512F"))])
+def isa(request):
+    """The kernel run with each instruction set (set_conv_isa), restored after."""
+    before = C_.set_conv_isa(request.param)
+    yield request.param
+    C_.set_conv_isa(before)
 
 # (batch, cin, cout, k, stride, padding, dilation, (h, w))
 SHAPES = {
@@ -32,8 +47,10 @@ SHAPES = {
     "stride2-pad": (2, 20, 33, 3, 2, 2, 1, (9, 10)),
     "dilation2": (1, 16, 16, 3, 1, 2, 2, (8, 8)),
     "5x5": (1, 17, 8, 5, 1, 2, 1, (6, 7)),
-    "long-1x1": (1, 1100, 24, 1, 1, 0, 1, (3, 4)),  # one tap split into slices of 512
+    "long-1x1": (1, 1100, 24, 1, 1, 0, 1, (3, 4)),  # one tap split into slices of 512 / 256
     "long-3x3": (1, 300, 20, 3, 1, 1, 1, (4, 4)),  # taps grouped into several blocks
+    "wide-odd-panels": (2, 16, 80, 1, 1, 0, 1, (5, 5)),  # AVX-512: 2 tiles of 32, one of 16
+    "rows-12-tail": (1, 32, 50, 3, 1, 1, 1, (5, 7)),  # 35 pixels: 3 tiles of 11-12
     "no-padding-edge": (2, 16, 16, 3, 2, 0, 1, (7, 6)),
 }
 
@@ -51,7 +68,7 @@ def _reference(x, wt, b, r, shape, act):
     z = F.conv2d(x.double(), wt.double(), None if b is None else b.double(), s, p, d)
     if r is not None:
         z = z + r.double()
-    return z.relu() if act == "relu" else z
+    return _TORCH_ACT[act](z)
 
 
 def _direct(x, wt, b, r, shape, act, out=None):
@@ -65,9 +82,9 @@ def _direct(x, wt, b, r, shape, act, out=None):
 
 @needs_avx2
 @pytest.mark.parametrize("name", SHAPES)
-@pytest.mark.parametrize("act", ["relu", "identity"])
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("epilogue", ["bias+residual", "none"])
-def test_matches_conv2d(name, act, epilogue):
+def test_matches_conv2d(isa, name, act, epilogue):
     shape = SHAPES[name]
     with_extras = epilogue != "none"
     x, wt, b = _conv_inputs(shape, bias=with_extras)
@@ -82,7 +99,7 @@ def test_matches_conv2d(name, act, epilogue):
 
 
 @needs_avx2
-def test_writes_a_channel_slice_only():
+def test_writes_a_channel_slice_only(isa):
     shape = SHAPES["stride2-pad"]
     x, wt, b = _conv_inputs(shape)
     base = make((2, 50, 6, 6), torch.float32, "cpu", seed=9).contiguous(memory_format=CL)
@@ -95,22 +112,30 @@ def test_writes_a_channel_slice_only():
 
 
 @needs_avx2
-def test_relu_keeps_nan_and_inf():
+@pytest.mark.parametrize("act", ACTS)
+def test_nan_and_inf_as_torch(isa, act):
+    """NaN and +-inf in, and the saturated ends of silu and sigmoid (|z| up to
+    ~500, past where e^-z overflows or underflows), as torch's activations of
+    the float64 conv: silu(-inf) is NaN, sigmoid(-inf) 0, relu(NaN) NaN."""
     shape = SHAPES["3x3"]
     x, wt, b = _conv_inputs(shape)
+    x = x * 60
     x[0, 3, 2, 4] = float("nan")
     x[1, 0, 5, 1] = float("inf")
+    x[1, 1, 2, 7] = -float("inf")
     r = torch.zeros(2, 32, 7, 9).contiguous(memory_format=CL)
     r[1, 5, 0, 0] = float("nan")
-    y = _direct(x, wt, b, r, shape, "relu")
-    ref = _reference(x, wt, b, r, shape, "relu")
-    assert ref.isnan().any() and ref.isinf().any()
-    torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5, equal_nan=True)
+    r[0, 6, 6, 8] = -float("inf")
+    y = _direct(x, wt, b, r, shape, act)
+    z = _reference(x, wt, b, r, shape, "identity")
+    assert z.isnan().any() and z.isinf().any() and z[z.isfinite()].abs().max() > 200
+    torch.testing.assert_close(y.double(), _reference(x, wt, b, r, shape, act), atol=2e-5,
+                               rtol=2e-5, equal_nan=True)
 
 
 @needs_avx2
 @pytest.mark.parametrize("residual", [False, True])
-def test_cpu_conv_plan_runs_it_for_channels_last(monkeypatch, residual):
+def test_cpu_conv_plan_runs_it_for_channels_last(monkeypatch, isa, residual):
     """conv_act in inference takes the direct kernel for a channels_last input
     with >= 16 channels (not for NCHW, grouped or 3-channel inputs, nor a
     large image: 96x96 output pixels), and gives
@@ -138,10 +163,18 @@ def test_cpu_conv_plan_runs_it_for_channels_last(monkeypatch, residual):
         big = make((1, 16, 96, 96), torch.float32, "cpu").contiguous(memory_format=CL)
         convkernels.ops.conv_act(big, wt, b, (1, 1), (1, 1), (1, 1), 1, "relu", None)
     assert len(calls) == 2
+    # A 1x1 conv of 16 input channels is taken at any image size.
+    with torch.no_grad():
+        y = convkernels.ops.conv_act(big, wt[:, :, 1:2, 1:2].contiguous(), b, (1, 1), (0, 0),
+                                     (1, 1), 1, "silu", None)
+    assert len(calls) == 3
+    torch.testing.assert_close(
+        y.double(), F.silu(F.conv2d(big.double(), wt[:, :, 1:2, 1:2].double(), b.double())),
+        atol=2e-5, rtol=2e-5)
 
 
 @needs_avx2
-def test_packed_weight_follows_the_weight():
+def test_packed_weight_follows_the_weight(isa):
     """The cached packed weight is recomputed after an in-place update."""
     shape = SHAPES["3x3"]
     x, wt, b = _conv_inputs(shape)
@@ -172,7 +205,8 @@ def _bad_calls():
                           (out, x, packed[..., :8], b, None, *conv, "relu")),
         "packed-panels": ("packed has 2 panels", (out[:, :10], x, packed, b, None, *conv, "relu")),
         "out-shape": ("out must be", (out[:, :, :6], x, packed, b, None, *conv, "relu")),
-        "act": ("act must be relu or identity", (out, x, packed, b, None, *conv, "silu")),
+        "act": ("act must be relu, identity, silu or sigmoid",
+                (out, x, packed, b, None, *conv, "gelu")),
         "bias": ("bias must be a float32", (out, x, packed, b[:5], None, *conv, "relu")),
         "residual-shape": ("residual must be shaped",
                            (out, x, packed, b, out[:, :, :6], *conv, "relu")),
@@ -191,6 +225,17 @@ def test_bad_input_names_the_argument_and_writes_nothing(case):
     with pytest.raises(RuntimeError, match=match):
         C_.conv2d_nhwc_(*args)
     assert torch.equal(args[0], before)
+
+
+@needs_avx2
+def test_set_conv_isa_names_its_argument():
+    before = C_.conv_isa()
+    with pytest.raises(RuntimeError, match="isa must be 'avx2' or 'avx512', got 'sse'"):
+        C_.set_conv_isa("sse")
+    if not AVX512:
+        with pytest.raises(RuntimeError, match="this CPU has no AVX-512F"):
+            C_.set_conv_isa("avx512")
+    assert C_.conv_isa() == before
 
 
 @pytest.mark.skipif(AVX2, reason="the error of a build without AVX2")

@@ -2,19 +2,23 @@
 (csrc/cpu/conv_nhwc_cpu.cpp), where it is at least as fast as oneDNN.
 
 It takes a channels_last input with at least 16 channels, groups == 1, a
-1x1 conv or a small kxk one (below), and relu or identity after bias (+
-residual), all applied in registers (oneDNN needs a separate pass for relu: its post-op
-maps NaN to 0). The weight is packed once into the kernel's
-[ceil(Cout/16), KH, KW, Cin, 16] panels and cached until it changes.
+1x1 conv or a small kxk one (below), and relu, identity, silu or sigmoid
+after bias (+ residual), all applied in registers (oneDNN needs a separate
+pass for relu: its post-op maps NaN to 0). The weight is packed once into
+the kernel's [ceil(Cout/16), KH, KW, Cin, 16] panels and cached until it
+changes. The kernel runs with AVX-512 where the CPU has it (as oneDNN does)
+and AVX2 elsewhere; ``torch.ops.convkernels_C.conv_isa()`` names the one in use.
 
-Measured against oneDNN on a prepacked weight plus the relu pass, taking
-turns on the same tensors (benchmarks/bench_cpu_conv.py, 2-core AMD EPYC VM,
-2 threads, two runs): the convs this module takes ran 0.9-3x oneDNN's speed
-(the small ones gain most: oneDNN's per-call cost), and with this choice the
-models' convs at batch 1 ran 1.05-1.06x faster in sum (ResNet-50),
-1.07-1.14x (DenseNet-121), 1.20-1.29x (EfficientNet-B0's 1x1 convs),
-1.04-1.07x (GoogLeNet), 1.00x (VGG-16: all oneDNN); at batch 8 0.99-1.01x.
-The stem's 3-channel conv and grouped or depthwise convs stay on oneDNN.
+Measured against oneDNN on a prepacked weight (plus the relu pass; SiLU as
+its post-op), taking turns on the same tensors (benchmarks/bench_cpu_conv.py,
+2 threads). The choice below made the models' convs at batch 1 faster in
+sum: on a 2-core Intel Xeon VM with AVX-512 (2026-12-04), 1.04x (ResNet-50),
+1.05x (DenseNet-121), 1.19x (EfficientNet-B0's 1x1 convs), 1.05x
+(GoogLeNet), and at batch 8 0.99-1.01x; on an AVX2-only AMD EPYC VM
+1.05-1.06x, 1.07-1.14x, 1.20-1.29x, 1.04-1.07x, and 0.99-1.01x at batch 8.
+(On the Intel VM the kernel's AVX2 tiles ran at 0.5-0.7x the speed of
+oneDNN's AVX-512 code, which is why it has AVX-512 tiles.) The stem's
+3-channel conv and grouped or depthwise convs stay on oneDNN.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from ._fold import FOLD_CACHE
 from ._library import into, memory_format
 from .primitives import is_channel_slice
 
-_PANEL = 16  # output channels of a packed panel (two AVX2 vectors)
+_PANEL = 16  # output channels of a packed panel (two AVX2 vectors, one AVX-512 vector)
+_ACTS = ("relu", "identity", "silu", "sigmoid")
 _MIN_CIN = 16  # fewer input channels: the per-tap overhead dominates
 # oneDNN's blocking is ahead on large compute-bound convs: more output pixels
 # (batch x OH x OW) than _MAX_PIXELS (0.8-0.9x at batch 8 on 56x56 images), or
@@ -35,22 +40,28 @@ _MIN_CIN = 16  # fewer input channels: the per-tap overhead dominates
 # Below them oneDNN's per-call cost (~50 us) is much of a small conv's time.
 _MAX_PIXELS = 8192
 _MAX_KXK_FLOPS = 100e6
+# A 1x1 conv of this few input channels runs direct at any size: oneDNN is
+# slow there (EfficientNet-B0's 16->96 + SiLU on 112x112: 1.12x at batch 1,
+# 3.65x at batch 8, Intel Xeon VM, AVX-512).
+_FEW_CIN = 16
 
 
 @functools.lru_cache(maxsize=None)
 def _built_with_avx2() -> bool:
-    return torch.ops.convkernels_C.cpu_capability() == "AVX2"
+    return torch.ops.convkernels_C.conv_isa() != "none"
 
 
 def direct_pays(x, weight, stride, padding, dilation, groups, act) -> bool:
     """Whether the direct kernel takes this conv (see the module docstring)."""
-    if not (groups == 1 and act in ("relu", "identity") and weight.size(1) >= _MIN_CIN
+    if not (groups == 1 and act in _ACTS and weight.size(1) >= _MIN_CIN
             and memory_format(x) == torch.channels_last and _built_with_avx2()):
         return False
+    one_by_one = tuple(weight.shape[2:]) == (1, 1)
+    if one_by_one and weight.size(1) <= _FEW_CIN:
+        return True
     oh, ow = conv_output_size("conv", x, weight, stride, padding, dilation)
     pixels = x.size(0) * oh * ow
-    return pixels <= _MAX_PIXELS and (tuple(weight.shape[2:]) == (1, 1)
-                                      or 2 * pixels * weight.numel() <= _MAX_KXK_FLOPS)
+    return pixels <= _MAX_PIXELS and (one_by_one or 2 * pixels * weight.numel() <= _MAX_KXK_FLOPS)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

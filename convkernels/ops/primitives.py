@@ -50,11 +50,15 @@ bn_act_apply_(x, scale, shift, residual, act) -> None   (compiled CPU kernels on
 
 conv2d_nhwc_(out, x, packed, bias, residual, stride, padding, dilation, act) -> None
     (compiled CPU kernels, AVX2 builds only) fp32 ``out = act(conv2d(x, w) +
-    bias (+ residual))`` with groups 1 and act relu or identity; ``x``, ``out``
-    and ``residual`` have unit channel stride (channels_last or a channel
-    slice of it) and ``out`` overlaps neither; ``packed`` is ``w`` as
-    ops/_conv_direct.py's ``pack`` lays it out. CPU inference convs call it
-    directly as ``torch.ops.convkernels_C.conv2d_nhwc_`` (ops/_conv_direct.py).
+    bias (+ residual))`` with groups 1 and act relu, identity, silu or
+    sigmoid; ``x``, ``out`` and ``residual`` have unit channel stride
+    (channels_last or a channel slice of it) and ``out`` overlaps neither;
+    ``packed`` is ``w`` as ops/_conv_direct.py's ``pack`` lays it out. CPU
+    inference convs call it directly as ``torch.ops.convkernels_C.conv2d_nhwc_``
+    (ops/_conv_direct.py). It runs with AVX-512 tiles where the CPU has
+    AVX-512F, else AVX2 ones: ``conv_isa() -> str`` names the instruction set
+    in use, ``set_conv_isa(isa) -> str`` picks one the CPU has (for tests and
+    benchmarks) and returns the previous one.
 
 add_act_forward(x, residual, scale, act) -> y
     ``y = act(residual + scale[n] * x)`` (``scale`` None means 1).

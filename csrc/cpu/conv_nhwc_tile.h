@@ -1,0 +1,272 @@
+// The direct NHWC conv's tiles and their scheduling, written once over a SIMD
+// traits class V and compiled once per instruction set: conv_nhwc_cpu.cpp
+// (AVX2) and conv_nhwc_avx512.cpp (AVX-512, under a target pragma) each
+// include this file with their own V. Every function here is a template in an
+// anonymous namespace, so that no function compiled for one instruction set
+// can stand in for another's at link time.
+//
+// The conv is an implicit GEMM: output pixels x output channels, reducing over
+// (kernel tap, input channel). A tile is R output pixels by H vectors of
+// output channels (V::kWidth each) held in R*H accumulators; each step
+// broadcasts one input value per pixel and multiplies it by H weight vectors.
+// Weights are packed (convkernels/ops/_conv_direct.py) as
+// [ceil(Cout/16), KH, KW, Cin, 16], zero-padded: AVX2's two 8-float vectors
+// of a tile are one 16-channel panel, AVX-512's two 16-float vectors are two
+// panels. The reduction is split into blocks of a few hundred channels
+// (one block's weights stay in L1); between blocks the partial sums live in
+// `out`. Work items are a group of kTilesPerGroup tiles against one column
+// group (kVecs vectors), column-minor, so that a thread's consecutive items
+// reuse the group's input pixels. An input pixel outside the image reads a
+// row of zeros.
+//
+// V provides: Reg; kWidth (floats per Reg), kRows (R of a full tile), kVecs
+// (H of a full tile); set1(f), zero(), load(p), broadcast(p), fma(a, b, c),
+// add, sub, mul, div, max, min (a, b), round(a) (to nearest); kExpLo, kExpHi and
+// ldexp(e, n, x) for exp (below); and Cols(n) with load(p, h) / store(p, h, v)
+// masked to the first n channels from p.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include "activation.h"
+
+#include <array>
+#include <cstdint>
+#include <utility>
+
+namespace convkernels {
+namespace cpu {
+
+// Plain data, the same in every instruction set's translation unit.
+
+// One run of input channels [c0, c0 + len) at kernel tap `tap` (= kh * KW + kw).
+struct Slice {
+  int64_t tap, c0, len;
+};
+
+// Where the tensors are and how the conv maps output pixels to input pixels.
+struct Geometry {
+  const float* x;
+  int64_t xn, xh, xw;  // x's strides (elements) of sample, row, column
+  int64_t h, w, oh, ow, kw, taps, cin;
+  int64_t sh, sw, ph, pw, dh, dw;
+  float* out;
+  int64_t on, oh_s, ow_s;
+  const float* res;
+  int64_t rn, rh, rw;
+  const float* weights;  // packed, [panels, taps, cin, 16]
+  const float* bias;     // padded to panels * 16, or null
+  const float* zeros;    // a row of zeros at least as long as any slice
+  int64_t cout;
+  Act act;
+};
+
+// The reduction's slices and where its blocks start (slices[blocks[b]] up to
+// slices[blocks[b + 1]]); a block boundary is a pass over out.
+struct Reduction {
+  const Slice* slices;
+  const int64_t* blocks;
+  int64_t nblocks;
+};
+
+// conv_nhwc<Avx512>, compiled in conv_nhwc_avx512.cpp, and its block size
+// (256 x 32 weights: 32 KiB, as AVX2's 512 x 16).
+void conv_nhwc_avx512(const Geometry& g, const Reduction& red, int64_t pixels);
+constexpr int64_t kBlockKAvx512 = 256;
+
+namespace {
+
+constexpr int64_t kPanel = 16;         // output channels of a packed weight panel
+constexpr int64_t kTilesPerGroup = 8;  // tiles a work item runs against one column group
+
+// e^x, to about 1 ulp (Cephes' expf): e^x = 2^n e^r with n = round(x log2 e)
+// and |r| <= ln2 / 2, e^r = 1 + r + r^2 P(r). x is first clamped to
+// [V::kExpLo, V::kExpHi] (NaN kept: max and min return their second operand
+// for a NaN); V::ldexp(e, n, x) gives e * 2^n, inf where e^x overflows and 0
+// where it underflows, as torch's exp.
+template <class V>
+typename V::Reg exp(typename V::Reg x) {
+  const auto c = V::set1;
+  const typename V::Reg xc = V::min(c(V::kExpHi), V::max(c(V::kExpLo), x));
+  const typename V::Reg n = V::round(V::mul(xc, c(1.44269504088896341f)));
+  typename V::Reg r = V::fma(n, c(-0.693359375f), xc);  // ln2 in two parts
+  r = V::fma(n, c(2.12194440e-4f), r);
+  typename V::Reg p = c(1.9875691500e-4f);
+  p = V::fma(p, r, c(1.3981999507e-3f));
+  p = V::fma(p, r, c(8.3334519073e-3f));
+  p = V::fma(p, r, c(4.1665795894e-2f));
+  p = V::fma(p, r, c(1.6666665459e-1f));
+  p = V::fma(p, r, c(5.0000001201e-1f));
+  const typename V::Reg e = V::fma(V::mul(r, r), p, V::add(r, c(1.f)));
+  return V::ldexp(e, n, x);
+}
+
+// act(z) for the activations after a conv; relu's max(0, z) returns z when z
+// is NaN, and silu and sigmoid are written as in torch's CPU kernels
+// (z * sigmoid(z), 1 / (1 + e^-z)) so that they give NaN and inf where torch does.
+template <class V>
+typename V::Reg activate(Act act, typename V::Reg z) {
+  switch (act) {
+    case Act::kRelu: return V::max(V::zero(), z);
+    case Act::kSigmoid:
+      return V::div(V::set1(1.f), V::add(V::set1(1.f), exp<V>(V::sub(V::zero(), z))));
+    case Act::kSilu:
+      return V::mul(z, V::div(V::set1(1.f), V::add(V::set1(1.f), exp<V>(V::sub(V::zero(), z)))));
+    case Act::kIdentity: break;
+  }
+  return z;
+}
+
+// Every loop over a tile's rows and vectors must unroll fully: the
+// accumulators stay in registers only if no loop indexes them at run time.
+#define CK_UNROLL _Pragma("GCC unroll 16")
+
+// R output pixels (their first flat index m0) by H vectors of channels from
+// col0 (a multiple of 16), over the slices [s, s_end). first: start from zero
+// (else from the partial sums in out); last: apply the epilogue.
+template <class V, int R, int H>
+void tile(const Geometry& g, int64_t m0, int64_t col0, const Slice* s, const Slice* s_end,
+          bool first, bool last) {
+  using Reg = typename V::Reg;
+  // The rows' sample, output row and column: one division, then a walk
+  // (divisions per row would cost as much as a short reduction).
+  int64_t n[R], oy[R], ox[R];
+  n[0] = m0 / (g.oh * g.ow);
+  oy[0] = m0 % (g.oh * g.ow) / g.ow;
+  ox[0] = m0 % g.ow;
+  CK_UNROLL
+  for (int r = 1; r < R; ++r) {
+    const bool wrap = ox[r - 1] + 1 == g.ow, next = wrap && oy[r - 1] + 1 == g.oh;
+    ox[r] = wrap ? 0 : ox[r - 1] + 1;
+    oy[r] = next ? 0 : oy[r - 1] + wrap;
+    n[r] = n[r - 1] + next;
+  }
+  int64_t iy[R], ix[R];
+  float* o[R];
+  CK_UNROLL
+  for (int r = 0; r < R; ++r) {
+    iy[r] = oy[r] * g.sh - g.ph;
+    ix[r] = ox[r] * g.sw - g.pw;
+    o[r] = g.out + n[r] * g.on + oy[r] * g.oh_s + ox[r] * g.ow_s + col0;
+  }
+  const typename V::Cols cols(g.cout - col0);
+  Reg acc[R][H];
+  CK_UNROLL
+  for (int r = 0; r < R; ++r) {
+    CK_UNROLL
+    for (int h = 0; h < H; ++h) acc[r][h] = first ? V::zero() : cols.load(o[r], h);
+  }
+  // Vector h's weights: panel (col0 + h * kWidth) / 16, from lane (h * kWidth) % 16.
+  const int64_t panel_stride = g.taps * g.cin * kPanel;
+  const float* tile_w = g.weights + col0 / kPanel * panel_stride;
+  int64_t w_off[H];
+  CK_UNROLL
+  for (int h = 0; h < H; ++h)
+    w_off[h] = h * V::kWidth / kPanel * panel_stride + h * V::kWidth % kPanel;
+  for (; s != s_end; ++s) {
+    const int64_t ky = s->tap / g.kw, kx = s->tap % g.kw;
+    const float* a[R];
+    CK_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const int64_t y = iy[r] + ky * g.dh, x = ix[r] + kx * g.dw;
+      a[r] = (y >= 0 && y < g.h && x >= 0 && x < g.w)
+                 ? g.x + n[r] * g.xn + y * g.xh + x * g.xw + s->c0
+                 : g.zeros;
+    }
+    // Locals, not s->len: stores to acc must not make the compiler reload it.
+    const float* w = tile_w + (s->tap * g.cin + s->c0) * kPanel;
+    const int64_t len = s->len;
+    _Pragma("GCC unroll 4")
+    for (int64_t c = 0; c < len; ++c, w += kPanel) {
+      Reg wv[H];
+      CK_UNROLL
+      for (int h = 0; h < H; ++h) wv[h] = V::load(w + w_off[h]);
+      CK_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const Reg v = V::broadcast(a[r] + c);
+        CK_UNROLL
+        for (int h = 0; h < H; ++h) acc[r][h] = V::fma(v, wv[h], acc[r][h]);
+      }
+    }
+  }
+  if (last) {
+    if (g.bias != nullptr) {
+      CK_UNROLL
+      for (int h = 0; h < H; ++h) {
+        const Reg b = V::load(g.bias + col0 + h * V::kWidth);
+        CK_UNROLL
+        for (int r = 0; r < R; ++r) acc[r][h] = V::add(acc[r][h], b);
+      }
+    }
+    if (g.res != nullptr) {
+      CK_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const float* p = g.res + n[r] * g.rn + oy[r] * g.rh + ox[r] * g.rw + col0;
+        CK_UNROLL
+        for (int h = 0; h < H; ++h) acc[r][h] = V::add(acc[r][h], cols.load(p, h));
+      }
+    }
+    if (g.act != Act::kIdentity) {
+      CK_UNROLL
+      for (int r = 0; r < R; ++r)
+        CK_UNROLL
+        for (int h = 0; h < H; ++h) acc[r][h] = activate<V>(g.act, acc[r][h]);
+    }
+  }
+  CK_UNROLL
+  for (int r = 0; r < R; ++r)
+    CK_UNROLL
+    for (int h = 0; h < H; ++h) cols.store(o[r], h, acc[r][h]);
+}
+
+using TileFn = void (*)(const Geometry&, int64_t, int64_t, const Slice*, const Slice*, bool, bool);
+
+// tile<V, R, H> for R = 1 .. V::kRows, indexed [H - 1][R - 1].
+template <class V, int H, int... R>
+constexpr std::array<TileFn, sizeof...(R)> tiles_of_width(std::integer_sequence<int, R...>) {
+  return {&tile<V, R + 1, H>...};
+}
+template <class V>
+constexpr auto kTileTable = [] {
+  using Rows = std::make_integer_sequence<int, V::kRows>;
+  static_assert(V::kVecs == 2, "tile widths of 1 and 2 vectors");
+  return std::array<std::array<TileFn, V::kRows>, 2>{tiles_of_width<V, 1>(Rows{}),
+                                                     tiles_of_width<V, 2>(Rows{})};
+}();
+
+// The whole conv: act(conv(x) + bias + residual) into g.out.
+template <class V>
+void conv_nhwc(const Geometry& g, const Reduction& red, int64_t pixels) {
+  constexpr int64_t cols_per_group = V::kVecs * V::kWidth;
+  // Tiles and groups of tiles are balanced (tile t covers pixels
+  // [t * pixels / tiles, (t + 1) * pixels / tiles)), so that no tile has a
+  // lone row and every work item costs about the same: parallel_for hands
+  // each thread one contiguous run of items.
+  const int64_t tiles = (pixels + V::kRows - 1) / V::kRows;
+  const int64_t groups = (tiles + kTilesPerGroup - 1) / kTilesPerGroup;
+  const int64_t col_groups = (g.cout + cols_per_group - 1) / cols_per_group;
+  // Work items run a group of tiles against one column group; a thread's
+  // consecutive items share the group's input pixels (column-minor order).
+  at::parallel_for(0, groups * col_groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t group = item / col_groups, col0 = item % col_groups * cols_per_group;
+      // The vectors with any channel left: the last column group may need fewer.
+      const int64_t left = g.cout - col0;
+      const int64_t vecs = left >= cols_per_group ? V::kVecs : (left + V::kWidth - 1) / V::kWidth;
+      const auto& table = kTileTable<V>[vecs - 1];
+      const int64_t t0 = group * tiles / groups, t1 = (group + 1) * tiles / groups;
+      for (int64_t b = 0; b < red.nblocks; ++b) {
+        const Slice* s = red.slices + red.blocks[b];
+        const Slice* s_end = red.slices + red.blocks[b + 1];
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t m0 = t * pixels / tiles, m1 = (t + 1) * pixels / tiles;
+          table[m1 - m0 - 1](g, m0, col0, s, s_end, b == 0, b + 1 == red.nblocks);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace convkernels
