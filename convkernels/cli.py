@@ -37,6 +37,8 @@ def info() -> str:
         "cpu threads " + (f"{torch.ops.convkernels_C.parallel_threads()} per kernel loop "
                           f"(torch.get_num_threads() = {torch.get_num_threads()})"
                           if HAS_C else "-"),
+        "cpu conv    " + (f"direct NHWC kernel: {torch.ops.convkernels_C.conv_isa()}"
+                          if HAS_C else "-"),
         f"device      {device.type}: {device_name}",
         f"backends    {', '.join(usable)} usable on {device.type}",
         f"active      {backend.get_backend()} -> {backend.resolve(device)} on {device.type}",
