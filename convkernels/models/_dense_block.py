@@ -179,13 +179,15 @@ def _eval_layer_cpu(prefix, bn1, w1, b1, cw1, bn2, w2, b2, cw2, new):
     no input prologue (bn_act_conv materialises relu(norm1(prefix)) anyway):
     norm2 is folded into conv1 (cached folded weights) with relu2 as oneDNN's
     post-op, which saves the pass over the bottleneck that norm2-relu2 would
-    take, then conv2 writes the layer's channels."""
+    take, then conv2 writes the layer's channels (the cpu backend's inference
+    conv: the direct NHWC kernel straight into the buffer slice where it takes
+    the conv, else oneDNN on a prepacked weight)."""
     t = _direct.bn_act_forward(prefix, w1, b1, None, bn1.running_mean, bn1.running_var, False,
                                bn1.eps, "relu", "cpu")[0]
     u = _direct.conv_bn_act_eval(t, cw1, None, bn2.running_mean, bn2.running_var, w2, b2, bn2.eps,
                                  _ONE, _ZERO, _ONE, 1, "relu", None, "cpu")
     del t
-    new.copy_(torch.ops.aten.convolution(u, cw2, None, _ONE, _ONE, _ONE, False, _ZERO, 1))
+    _direct.conv_act_eval_out(u, cw2, None, _ONE, _ONE, _ONE, 1, "identity", None, "cpu", new)
 
 
 def block_forward(cfg: BlockCfg, x: Tensor, params, save: bool):
