@@ -1,9 +1,9 @@
 """The CPU direct NHWC conv kernel (csrc/cpu/conv_nhwc_cpu.cpp, called through
 ops/_conv_direct.py) against F.conv2d in float64, with each instruction set
 this CPU has (AVX2 and AVX-512 tiles), on the shapes its tiling splits
-differently: output channels not a multiple of its 16- or 32-channel tiles,
-pixel counts not a multiple of its 6- or 12-row tiles (and tiles across
-samples), a reduction longer than one 512- or 256-channel block, padding,
+differently: output channels not a multiple of its tiles' 16, 32, 48 or 64
+channels, pixel counts not a multiple of their 6, 8 or 12 rows (and tiles
+across samples), a reduction longer than one 512- or 256-channel block, padding,
 stride and dilation; its epilogue (bias, residual, relu keeping NaN, silu,
 sigmoid), a channel-slice output, the choice of it by the CPU conv plan, and
 its argument checks."""
@@ -51,6 +51,8 @@ SHAPES = {
     "long-3x3": (1, 300, 20, 3, 1, 1, 1, (4, 4)),  # taps grouped into several blocks
     "wide-odd-panels": (2, 16, 80, 1, 1, 0, 1, (5, 5)),  # AVX-512: 2 tiles of 32, one of 16
     "rows-12-tail": (1, 32, 50, 3, 1, 1, 1, (5, 7)),  # 35 pixels: 3 tiles of 11-12
+    "three-vectors": (2, 24, 112, 1, 1, 0, 1, (5, 5)),  # AVX-512: 64 + 48 channels, 6 / 8 rows
+    "long-wide": (1, 600, 64, 3, 1, 1, 1, (3, 5)),  # 64-channel tiles over several blocks
     "no-padding-edge": (2, 16, 16, 3, 2, 0, 1, (7, 6)),
 }
 

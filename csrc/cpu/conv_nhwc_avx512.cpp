@@ -1,5 +1,6 @@
 // The direct NHWC conv's AVX-512 tiles (conv_nhwc_tile.h with 16-float
-// vectors: 12 pixels x 32 output channels in 24 of the 32 zmm registers).
+// vectors: 6 pixels x 64 output channels, or 12 x 32, in 24 of the 32 zmm
+// registers).
 // The rest of the library is built for AVX2; this file compiles its functions
 // for AVX-512F under a target pragma, and conv_nhwc_cpu.cpp calls them only
 // where the CPU has AVX-512F (oneDNN uses it there, and the AVX2 tiles ran at
@@ -8,6 +9,7 @@
 // may pick) is compiled for AVX-512.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <utility>
@@ -35,7 +37,13 @@ namespace {
 
 struct Avx512 {
   using Reg = __m512;
-  static constexpr int kWidth = 16, kRows = 12, kVecs = 2;
+  // Tiles of 6 pixels x 64 channels (4 vectors) where the channels fill
+  // them, else 8 x 48, 12 x 32 or 12 x 16: 24 accumulators (12 for 16
+  // channels), and registers left for the weights and the broadcast input.
+  // (6 x 64 loads 10 values per 24 FMAs, 12 x 32 loads 14: on ResNet-50's
+  // 1x1 convs it ran 1.05-1.15x faster.)
+  static constexpr int kWidth = 16, kVecs = 4;
+  static constexpr int rows(int h) { return h == 4 ? 6 : h == 3 ? 8 : 12; }
   static Reg set1(float f) { return _mm512_set1_ps(f); }
   static Reg zero() { return _mm512_setzero_ps(); }
   static Reg load(const float* p) { return _mm512_loadu_ps(p); }

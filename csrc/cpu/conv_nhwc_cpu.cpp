@@ -52,7 +52,8 @@ inline __m256i lanes(int64_t n) {
 // 6 pixels x 16 output channels (one panel, two vectors) in 12 of the 16 ymm registers.
 struct Avx2 {
   using Reg = __m256;
-  static constexpr int kWidth = 8, kRows = 6, kVecs = 2;
+  static constexpr int kWidth = 8, kVecs = 2;
+  static constexpr int rows(int) { return 6; }
   static Reg set1(float f) { return _mm256_set1_ps(f); }
   static Reg zero() { return _mm256_setzero_ps(); }
   static Reg load(const float* p) { return _mm256_loadu_ps(p); }
