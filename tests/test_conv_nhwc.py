@@ -139,8 +139,8 @@ def test_nan_and_inf_as_torch(isa, act):
 @pytest.mark.parametrize("residual", [False, True])
 def test_cpu_conv_plan_runs_it_for_channels_last(monkeypatch, isa, residual):
     """conv_act in inference takes the direct kernel for a channels_last input
-    with >= 16 channels (not for NCHW, grouped or 3-channel inputs, nor a
-    large image: 96x96 output pixels), and gives
+    with >= 16 channels (not for NCHW, grouped or 3-channel inputs, nor a 3x3
+    conv on a large image: 96x96 output pixels), and gives
     F.conv2d's result, written into ``out`` when asked."""
     calls = []
     plan = _conv.direct_plan
@@ -173,6 +173,15 @@ def test_cpu_conv_plan_runs_it_for_channels_last(monkeypatch, isa, residual):
     torch.testing.assert_close(
         y.double(), F.silu(F.conv2d(big.double(), wt[:, :, 1:2, 1:2].double(), b.double())),
         atol=2e-5, rtol=2e-5)
+    # With the AVX-512 tiles, any 1x1 conv is taken at any size; with AVX2,
+    # one of more than 16 input channels only up to 8192 output pixels.
+    wide = make((1, 32, 96, 96), torch.float32, "cpu", seed=4).contiguous(memory_format=CL)
+    w1 = make((24, 32, 1, 1), torch.float32, "cpu", seed=6) / 32 ** 0.5
+    with torch.no_grad():
+        y = convkernels.ops.conv_act(wide, w1, None, (1, 1), (0, 0), (1, 1), 1, "relu", None)
+    assert len(calls) == (4 if isa == "avx512" else 3)
+    torch.testing.assert_close(y.double(), F.conv2d(wide.double(), w1.double()).relu(),
+                               atol=2e-5, rtol=2e-5)
 
 
 @needs_avx2

@@ -12,13 +12,15 @@ and AVX2 elsewhere; ``torch.ops.convkernels_C.conv_isa()`` names the one in use.
 Measured against oneDNN on a prepacked weight (plus the relu pass; SiLU as
 its post-op), taking turns on the same tensors (benchmarks/bench_cpu_conv.py,
 2 threads). The choice below made the models' convs at batch 1 faster in
-sum: on a 2-core Intel Xeon VM with AVX-512 (2026-12-04), 1.04x (ResNet-50),
-1.05x (DenseNet-121), 1.19x (EfficientNet-B0's 1x1 convs), 1.05x
+sum: on a 2-core Intel Xeon VM with AVX-512 (2026-12-04), 1.06x (ResNet-50),
+1.08x (DenseNet-121), 1.30x (EfficientNet-B0's 1x1 convs), 1.05x
 (GoogLeNet), and at batch 8 0.99-1.01x; on an AVX2-only AMD EPYC VM
 1.05-1.06x, 1.07-1.14x, 1.20-1.29x, 1.04-1.07x, and 0.99-1.01x at batch 8.
 (On the Intel VM the kernel's AVX2 tiles ran at 0.5-0.7x the speed of
 oneDNN's AVX-512 code, which is why it has AVX-512 tiles.) The stem's
-3-channel conv and grouped or depthwise convs stay on oneDNN.
+3-channel conv and grouped or depthwise convs stay on oneDNN (a direct
+depthwise kernel, one vector multiply-add per tap and pixel, ran at 0.5-0.7x
+oneDNN's on EfficientNet-B0's depthwise convs and was dropped).
 """
 from __future__ import annotations
 
@@ -42,7 +44,10 @@ _MAX_PIXELS = 8192
 _MAX_KXK_FLOPS = 100e6
 # A 1x1 conv of this few input channels runs direct at any size: oneDNN is
 # slow there (EfficientNet-B0's 16->96 + SiLU on 112x112: 1.12x at batch 1,
-# 3.65x at batch 8, Intel Xeon VM, AVX-512).
+# 3.65x at batch 8, Intel Xeon VM, AVX-512). So does every 1x1 conv with the
+# AVX-512 tiles: at batch 8 on 56x56 images they ran 1.00-1.13x oneDNN's
+# speed (7.5x on ResNet-50's 64->64), so the pixel limit (from the AVX2
+# tiles on the AMD VM) is for the kxk convs and AVX2 alone.
 _FEW_CIN = 16
 
 
@@ -57,7 +62,8 @@ def direct_pays(x, weight, stride, padding, dilation, groups, act) -> bool:
             and memory_format(x) == torch.channels_last and _built_with_avx2()):
         return False
     one_by_one = tuple(weight.shape[2:]) == (1, 1)
-    if one_by_one and weight.size(1) <= _FEW_CIN:
+    if one_by_one and (weight.size(1) <= _FEW_CIN
+                       or torch.ops.convkernels_C.conv_isa() == "avx512"):
         return True
     oh, ow = conv_output_size("conv", x, weight, stride, padding, dilation)
     pixels = x.size(0) * oh * ow
