@@ -65,7 +65,9 @@ struct Avx2 {
   static Reg div(Reg a, Reg b) { return _mm256_div_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
   static Reg min(Reg a, Reg b) { return _mm256_min_ps(a, b); }
-  static Reg round(Reg a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static Reg round(Reg a) {
+    return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
   // 2^n built in the exponent bits, so n must stay within [-126, 127]: x is
   // clamped to [kExpLo, kExpHi], and e^x for x above ln(FLT_MAX) set to inf
   // (x in (88, 88.72] gets e^88: a relative error below 1 in sigmoid and silu

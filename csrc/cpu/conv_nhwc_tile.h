@@ -11,19 +11,20 @@
 // broadcasts one input value per pixel and multiplies it by H weight vectors.
 // Weights are packed (convkernels/ops/_conv_direct.py) as
 // [ceil(Cout/16), KH, KW, Cin, 16], zero-padded: AVX2's two 8-float vectors
-// of a tile are one 16-channel panel, AVX-512's two 16-float vectors are two
-// panels. The reduction is split into blocks of a few hundred channels
-// (one block's weights stay in L1); between blocks the partial sums live in
-// `out`. Work items are a group of kTilesPerGroup tiles against one column
-// group (kVecs vectors), column-minor, so that a thread's consecutive items
-// reuse the group's input pixels. An input pixel outside the image reads a
-// row of zeros.
+// of a tile are one 16-channel panel, AVX-512's up to four 16-float vectors
+// are as many panels. The reduction is split into blocks of a few hundred
+// channels (one block's weights stay in L1 or L2); between blocks the partial
+// sums live in `out`. Work items are a group of about kTilesPerGroup tiles'
+// pixels against one column group (kVecs vectors), column-minor, so that a
+// thread's consecutive items reuse the group's input pixels. An input pixel
+// outside the image reads a row of zeros.
 //
 // V provides: Reg; kWidth (floats per Reg), kVecs (the most vectors H of a
-// tile) and rows(H) (R of a full tile of H vectors, constexpr); set1(f), zero(), load(p), broadcast(p), fma(a, b, c),
-// add, sub, mul, div, max, min (a, b), round(a) (to nearest); kExpLo, kExpHi and
-// ldexp(e, n, x) for exp (below); and Cols(n) with load(p, h) / store(p, h, v)
-// masked to the first n channels from p.
+// tile) and rows(H) (R of a full tile of H vectors, constexpr); set1(f),
+// zero(), load(p), broadcast(p), fma(a, b, c), add, sub, mul, div, max,
+// min (a, b), round(a) (to nearest); kExpLo, kExpHi and ldexp(e, n, x) for
+// exp (below); and Cols(n) with load(p, h) / store(p, h, v) masked to the
+// first n channels from p.
 #pragma once
 
 #include <ATen/Parallel.h>
