@@ -12,9 +12,10 @@ and AVX2 elsewhere; ``torch.ops.convkernels_C.conv_isa()`` names the one in use.
 Measured against oneDNN on a prepacked weight (plus the relu pass; SiLU as
 its post-op), taking turns on the same tensors (benchmarks/bench_cpu_conv.py,
 2 threads). The choice below made the models' convs at batch 1 faster in
-sum: on a 2-core Intel Xeon VM with AVX-512 (2026-12-04), 1.06x (ResNet-50),
-1.08x (DenseNet-121), 1.30x (EfficientNet-B0's 1x1 convs), 1.05x
-(GoogLeNet), and at batch 8 0.99-1.01x; on an AVX2-only AMD EPYC VM
+sum: on a 2-core Intel Xeon VM with AVX-512 (2026-12-04), 1.08x (ResNet-50),
+1.10x (DenseNet-121), 1.28x (EfficientNet-B0's 1x1 convs), 1.05x
+(GoogLeNet), 1.00x (VGG-16), and at batch 8 1.15x, 1.01x, 1.71x, 1.01x,
+1.00x; on an AVX2-only AMD EPYC VM
 1.05-1.06x, 1.07-1.14x, 1.20-1.29x, 1.04-1.07x, and 0.99-1.01x at batch 8.
 (On the Intel VM the kernel's AVX2 tiles ran at 0.5-0.7x the speed of
 oneDNN's AVX-512 code, which is why it has AVX-512 tiles.) The stem's
