@@ -165,6 +165,12 @@ def _runtime_step(variant: str, onnx_path: str, x: torch.Tensor, threads: int):
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        # Its pool threads spin between runs by default, taking the cores from
+        # the variants measured while this worker waits (densenet121's train
+        # step: 0.80x torchvision with it, 1.12x without). They still spin
+        # within a run, which ORT's own speed depends on (allow_spinning=0
+        # made resnet50 b1 ~15% slower).
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
         feed = {sess.get_inputs()[0].name: xn}
         return lambda: torch.from_numpy(sess.run(None, feed)[0])
