@@ -9,9 +9,10 @@ from . import fuse, nn, ops
 from . import models
 from .backend import get_backend, set_backend, use_backend
 from .fuse import explain, optimize, unoptimize
+from ._cpu_cache import cpu_cache_info, set_cpu_cache_limit
 from .ops._fold import clear_caches
 
 __version__ = "0.1.0"
 
-__all__ = ["clear_caches", "explain", "fuse", "get_backend", "models", "nn", "ops", "optimize",
-           "set_backend", "unoptimize", "use_backend", "__version__"]
+__all__ = ["clear_caches", "cpu_cache_info", "explain", "fuse", "get_backend", "models", "nn", "ops", "optimize",
+           "set_backend", "set_cpu_cache_limit", "unoptimize", "use_backend", "__version__"]

@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .. import _cpu_cache
+
 
 class FusedForward:
     __slots__ = ("module", "fn")
@@ -31,6 +33,13 @@ class FusedForward:
         self.fn = fn
 
     def __call__(self, *args, **kwargs):
+        # The outermost fused forward of an inference call holds the CPU block
+        # cache's scope for the whole call (``convkernels._cpu_cache``).
+        if _cpu_cache.enter():
+            try:
+                return self.fn(self.module, *args, **kwargs)
+            finally:
+                _cpu_cache.exit()
         return self.fn(self.module, *args, **kwargs)
 
     def __reduce__(self):
