@@ -17,8 +17,8 @@ allocations, the allocator that was there before serves every request.
 No scope is opened while torch.compile, torch.jit or a dispatch mode traces.
 
 Measured (2-core Xeon VM, fp32, 224x224, channels_last, ``optimize``d
-torchvision models, eval batch 8, interleaved in one process; figures in
-benchmarks/results and the issue's note): see ``benchmarks/bench_models.py``.
+torchvision densenet121, eval batch 8, median of 20 forwards): 236 ms with the
+cache off, 202 ms on; page faults a forward 23.5k -> 0.2 (README, "Caches").
 """
 from __future__ import annotations
 
