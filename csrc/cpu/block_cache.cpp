@@ -6,7 +6,7 @@
 // and the next forward faults it in again, page by page. On a 2-core Xeon VM
 // (fp32, 224x224, batch 8) an optimized ResNet-50 forward took 23,700 minor
 // page faults and EfficientNet-B0 20,600; without them (glibc's thresholds
-// raised to 1 GiB for the whole process) they ran 1.2x and 1.5x faster. ONNX
+// raised to 1 GiB for the whole process) they ran 1.29x and 1.52x faster. ONNX
 // Runtime keeps its activations in an arena and takes none. Changing malloc
 // for the whole process is not a library's business; caching the blocks that
 // its own forwards allocate is.
