@@ -45,6 +45,7 @@ run), ``peak_mem_mb`` and ``mem_vs_eager`` = peak / torchvision's peak (train),
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -69,6 +70,13 @@ BASELINE = "torchvision"
 # BN: on 16x3x224x224 fp32 (CPU) torchvision's own is 9.8e-3 away from float64
 # and ours 8.1e-3 (7.4e-3 from torchvision's), while the logits agree to 3e-6.
 CHECK_TOL = {"fp32": (1e-3, 5e-2), "bf16": (5e-2, 2e-1), "fp16": (2e-2, 1e-1)}
+# Mixed precision rounds every layer's activations: conv0's bf16-autocast gradient
+# is then far from any other implementation's (8x3x224x224 on CPU: torchvision's
+# 0.78 off float64, ours 0.80, ours 0.58 off torchvision's; batch 64 on an H200:
+# ours 0.55 off torchvision's). Where the tolerance above is exceeded, a variant
+# still passes when it is no further from torchvision's fp32 first step than
+# MIXED_SLACK times torchvision's own mixed-precision result is.
+MIXED_SLACK = 1.25
 
 
 # ------------------------------------------------------------------ worker side
@@ -109,6 +117,29 @@ def _build(variant: str, arch: str, device, layout: str):
     return model
 
 
+FP32_SUFFIX = "@fp32"
+
+
+def _record(model, out) -> dict:
+    """What the parent compares: the logits and, after a backward, two gradients."""
+    model = getattr(model, "_orig_mod", model)
+    record = {"out": out.detach().float().cpu()}
+    if model.features.conv0.weight.grad is not None:
+        record["grad_conv0"] = model.features.conv0.weight.grad.float().cpu()
+        record["grad_classifier"] = model.classifier.weight.grad.float().cpu()
+    return record
+
+
+def _fp32_record(model, x, target, train: bool) -> dict:
+    """The first step's record in fp32 without autocast, on ``model`` (a copy of
+    the model taken before its first step), keys FP32_SUFFIXed."""
+    with torch.set_grad_enabled(train):
+        out = model(x)
+        if train:
+            torch.nn.functional.cross_entropy(out.float(), target).backward()
+    return {k + FP32_SUFFIX: v for k, v in _record(model, out).items()}
+
+
 def _worker(args) -> None:
     """One (variant, mode) in this process; prints one JSON line on stdout."""
     device = torch.device(args.device)
@@ -144,6 +175,11 @@ def _worker(args) -> None:
     def log(msg):
         print(f"  [{args.dn_variant} {args.dn_mode}] {msg}", file=sys.stderr, flush=True)
 
+    # torchvision's fp32 step is taken after the timing (it would raise the peaks),
+    # on a copy of the weights the first mixed-precision step will update.
+    mixed_baseline = args.dn_variant == BASELINE and dtype != torch.float32
+    fp32_twin = copy.deepcopy(model) if mixed_baseline else None
+
     import gc
 
     gc.collect()
@@ -157,13 +193,8 @@ def _worker(args) -> None:
     timing.synchronize(device)
     first_s = time.perf_counter() - t0
     log(f"first step {first_s:.1f}s")
-    model_ = getattr(model, "_orig_mod", model)
-    record = {"out": out.detach().float().cpu()}
-    if train:
-        record["grad_conv0"] = model_.features.conv0.weight.grad.float().cpu()
-        record["grad_classifier"] = model_.classifier.weight.grad.float().cpu()
-    torch.save(record, args.dn_record)
-    del out, record
+    record = _record(model, out)
+    del out
     for i in range(args.dn_warmup - 1):
         step()
     timing.synchronize(device)
@@ -183,6 +214,9 @@ def _worker(args) -> None:
         peak_mb = (torch.cuda.max_memory_allocated(device) - base_alloc) / 2**20
     else:
         peak_mb = (_rss_kib("VmHWM") - idle_kib) / 1024 if has_hwm else None
+    if fp32_twin is not None:
+        record.update(_fp32_record(fp32_twin, x, target, train))
+    torch.save(record, args.dn_record)
     print(json.dumps(dict(times_s=times, peak_mem_mb=peak_mb, first_s=first_s,
                           idle_mb=idle_kib / 1024, batch=batch)))
 
@@ -213,13 +247,23 @@ def _run_worker(args, variant: str, mode: str, dtype: str, layout: str, record: 
 
 
 def _check(variant: str, record: dict, ref: dict, dtype: str):
-    """None when the first step matches torchvision's, else a message."""
+    """None when the first step matches torchvision's (CHECK_TOL, else MIXED_SLACK
+    against torchvision's fp32 step where ``ref`` holds one), else a message."""
     out_tol, grad_tol = CHECK_TOL[dtype]
-    errs = {k: _rel(record[k], ref[k]) for k in ref}
-    bad = {k: e for k, e in errs.items() if not e <= (out_tol if k == "out" else grad_tol)}
-    if bad:
-        return f"{variant} != torchvision: " + ", ".join(f"{k} rel err {e:.2e}" for k, e in bad.items())
-    return None
+    bad = []
+    for k in record:
+        err = _rel(record[k], ref[k])
+        if err <= (out_tol if k == "out" else grad_tol):
+            continue
+        fp32 = ref.get(k + FP32_SUFFIX)
+        if fp32 is None:
+            bad.append(f"{k} rel err {err:.2e}")
+            continue
+        ours, theirs = _rel(record[k], fp32), _rel(ref[k], fp32)
+        if not ours <= MIXED_SLACK * theirs:
+            bad.append(f"{k} rel err {err:.2e}, {ours:.2e} from torchvision's fp32 step "
+                       f"(torchvision's own {dtype}: {theirs:.2e})")
+    return f"{variant} != torchvision: " + ", ".join(bad) if bad else None
 
 
 def _defaults(args, device: torch.device) -> None:

@@ -418,6 +418,8 @@ def setup(args) -> tuple[torch.device, int]:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     if device.type == "cuda":
+        if device.index is None:  # "cuda" names the current GPU; set_device needs its index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     else:
         # Inductor's parallel compile workers cost more than they save on a few cores.

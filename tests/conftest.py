@@ -23,6 +23,17 @@ if _WORKERS > 1:
     torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
 
 
+@pytest.fixture(autouse=True)
+def _ieee_fp32_on_gpu():
+    """The tests compare fp32 results with float64 references at fp32 tolerances:
+    cuDNN's and cuBLAS's TF32 (cudnn.allow_tf32 is on by default) rounds the
+    inputs to 10 mantissa bits, so it is off unless a test turns it on."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def pytest_configure(config):
     # pytest-xdist's own marker (--dist loadgroup keeps a group on one worker:
     # the tests sharing an expensive module fixture); declared here too so that
@@ -40,6 +51,18 @@ def pytest_configure(config):
             raise pytest.UsageError(
                 f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} ignores "
                 "xdist_group under --dist loadgroup: pip install 'pytest<9.2' (the Makefile's pin)")
+
+
+# `make gpu` names a file here: each failure is appended as it is reported, so
+# that a run cut short by its time box still says what failed and why (the
+# summary at the end is lost when xdist is interrupted).
+_FAILURE_LOG = os.environ.get("CONVKERNELS_FAILURE_LOG")
+
+
+def pytest_runtest_logreport(report):
+    if _FAILURE_LOG and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(_FAILURE_LOG, "a") as f:
+            f.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
 
 
 def _version(v):

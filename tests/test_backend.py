@@ -341,6 +341,8 @@ def test_built_cuda_code():
         assert f"sm_{base}" in listing, (entry, listing)
         if entry.endswith("+PTX"):
             assert f"compute_{base}" in listing or f"sm_{base}.ptx" in listing, listing
+    if not any(entry.endswith("+PTX") for entry in archs):
+        return  # no PTX embedded (e.g. TORCH_CUDA_ARCH_LIST=9.0): the flags cannot be read back
     ptx = subprocess.run([tool, "--dump-ptx", so], capture_output=True, text=True,
                          timeout=300).stdout
     assert "div.rn.f32" in ptx and "fma.rn.f32" in ptx  # IEEE division, denormals kept

@@ -43,14 +43,6 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 @pytest.mark.parametrize("impl", GPU_BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_cuda_model_matches_torchvision(name, impl):
