@@ -153,6 +153,22 @@ void tile(const Geometry& g, int64_t m0, int64_t col0, const Slice* s, const Sli
     o[r] = g.out + n[r] * g.on + oy[r] * g.oh_s + ox[r] * g.ow_s + col0;
   }
   const typename V::Cols cols(g.cout - col0);
+  // The epilogue's residual rows (and the output rows, when nothing is read
+  // from them first) are requested now, so that they arrive during the
+  // reduction: read at the end, each of the R rows a separate stretch of
+  // memory, they stalled the tile (a 64 -> 256 1x1 conv at 56x56, batch 8,
+  // Intel Xeon VM: 3.03 ms without the residual, 4.16 ms with it).
+  if (last) {
+    CK_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const float* p = g.res == nullptr ? nullptr : g.res + n[r] * g.rn + oy[r] * g.rh + ox[r] * g.rw + col0;
+      CK_UNROLL
+      for (int h = 0; h < H; ++h) {
+        if (p != nullptr) __builtin_prefetch(p + h * V::kWidth, 0, 3);
+        if (first) __builtin_prefetch(o[r] + h * V::kWidth, 1, 3);
+      }
+    }
+  }
   Reg acc[R][H];
   CK_UNROLL
   for (int r = 0; r < R; ++r) {
