@@ -77,6 +77,10 @@ TORCH_LIBRARY(convkernels_C, m) {
   m.def(
       "highway_gate_backward(Tensor grad_y, Tensor h, Tensor gate, Tensor x, bool need_grad_h, "
       "bool need_grad_gate, bool need_grad_x) -> (Tensor grad_h, Tensor grad_gate, Tensor grad_x)");
+  // A squeeze-and-excitation block for CPU inference (cpu/squeeze_excite_cpu.cpp).
+  m.def(
+      "squeeze_excite(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str act, str gate) "
+      "-> Tensor");
   m.def("nt_xent_forward(Tensor z, float temperature) -> (Tensor row_loss, Tensor lse)");
   m.def("nt_xent_backward(Tensor grad, Tensor z, Tensor lse, float temperature) -> Tensor");
 }

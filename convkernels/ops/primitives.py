@@ -60,6 +60,14 @@ conv2d_nhwc_(out, x, packed, bias, residual, stride, padding, dilation, act) -> 
     in use, ``set_conv_isa(isa) -> str`` picks one the CPU has (for tests and
     benchmarks) and returns the previous one.
 
+squeeze_excite(x, w1, b1, w2, b2, act, gate) -> y   (compiled CPU kernels only)
+    A squeeze-and-excitation block for inference (no autograd), fp32 or fp64:
+    ``y = x * gate(fc2(act(fc1(mean_hw(x)))))[n, c]`` with ``fc1``, ``fc2`` the
+    1x1 convs of weights ``w1`` ``[Cr, C, 1, 1]``, ``w2`` ``[C, Cr, 1, 1]`` and
+    optional biases; ``act`` and ``gate`` name activations as ``act`` does. The
+    fused CPU forward of torchvision's ``SqueezeExcitation`` calls it directly as
+    ``torch.ops.convkernels_C.squeeze_excite`` (fuse/mobile.py).
+
 add_act_forward(x, residual, scale, act) -> y
     ``y = act(residual + scale[n] * x)`` (``scale`` None means 1).
 
