@@ -68,6 +68,10 @@ TORCH_LIBRARY(convkernels_C, m) {
   m.def(
       "conv2d_nhwc_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, Tensor? residual, "
       "int[] stride, int[] padding, int[] dilation, str act) -> ()");
+  // The same for a depthwise conv (groups == channels), packed [KH, KW, C].
+  m.def(
+      "dwconv2d_nhwc_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, Tensor? residual, "
+      "int[] stride, int[] padding, int[] dilation, str act) -> ()");
   m.def("cpu_capability() -> str", &cpu_capability);
   m.def("add_act_forward(Tensor x, Tensor residual, Tensor? scale, str act) -> Tensor");
   m.def(

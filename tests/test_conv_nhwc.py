@@ -256,3 +256,103 @@ def test_without_avx2_it_refuses_and_the_plan_does_not_take_it():
     assert not _conv_direct.direct_pays(x, wt, (1, 1), (1, 1), (1, 1), 1, "relu")
     with pytest.raises(RuntimeError, match="without AVX2"):
         _direct(x, wt, b, None, shape, "relu")
+
+
+# ---------------------------------------------------------------- depthwise
+# dwconv2d_nhwc_: (batch, channels, k, stride, padding, dilation, (h, w)), on
+# what its loops split differently: 4-pixel interior blocks and their
+# remainder, edge columns on both sides (none inside at all), rows cut by the
+# padding, and the channel groups (AVX-512: 144 = 3 groups of 3 vectors, 20 =
+# 2 vectors with a tail, 8 less than one vector).
+DW_SHAPES = {
+    "3x3": (1, 20, 3, 1, 1, 1, (9, 11)),
+    "5x5-stride2": (2, 144, 5, 2, 2, 1, (9, 9)),
+    "3x3-stride2-nopad": (1, 8, 3, 2, 0, 1, (7, 8)),
+    "dilation2": (1, 40, 3, 1, 2, 2, (8, 7)),
+    "5x5-no-interior": (1, 72, 5, 1, 2, 1, (3, 3)),
+    "wide-row": (1, 48, 3, 1, 1, 1, (2, 23)),
+}
+
+
+def _dw(shape, act, bias=True, residual=True, seed=0):
+    """(the kernel's result, the float64 reference) for a DW_SHAPES entry."""
+    n, c, k, s, p, d, (h, w) = shape
+    x = make((n, c, h, w), torch.float32, "cpu", seed=seed).contiguous(memory_format=CL)
+    wt = make((c, 1, k, k), torch.float32, "cpu", seed=seed + 1) / k
+    b = vector(c, torch.float32, "cpu", seed + 2, -0.3, 0.3) if bias else None
+    oh, ow = conv_output_size("test", x, wt, (s, s), (p, p), (d, d))
+    r = make((n, c, oh, ow), torch.float32, "cpu", seed=7).contiguous(memory_format=CL) \
+        if residual else None
+    return x, wt, b, r
+
+
+def _dw_run(x, wt, b, r, shape, act):
+    n, c, k, s, p, d, _ = shape
+    oh, ow = conv_output_size("test", x, wt, (s, s), (p, p), (d, d))
+    out = torch.empty((n, c, oh, ow)).contiguous(memory_format=CL)
+    C_.dwconv2d_nhwc_(out, x, _conv_direct.pack_depthwise(wt), b, r, [s, s], [p, p], [d, d], act)
+    return out
+
+
+def _dw_reference(x, wt, b, r, shape, act):
+    s, p, d = shape[3:6]
+    z = F.conv2d(x.double(), wt.double(), None if b is None else b.double(), s, p, d,
+                 groups=x.size(1))
+    return _TORCH_ACT[act](z if r is None else z + r.double())
+
+
+@needs_avx2
+@pytest.mark.parametrize("name", DW_SHAPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("epilogue", ["bias+residual", "none"])
+def test_depthwise_matches_conv2d(isa, name, act, epilogue):
+    shape = DW_SHAPES[name]
+    x, wt, b, r = _dw(shape, act, bias=epilogue != "none", residual=epilogue != "none")
+    torch.testing.assert_close(_dw_run(x, wt, b, r, shape, act).double(),
+                               _dw_reference(x, wt, b, r, shape, act), atol=2e-5, rtol=2e-5)
+
+
+@needs_avx2
+@pytest.mark.parametrize("act", ACTS)
+def test_depthwise_nan_and_inf_as_torch(isa, act):
+    shape = DW_SHAPES["3x3"]
+    x, wt, b, r = _dw(shape, act)
+    x = x * 60
+    x[0, 3, 2, 4] = float("nan")
+    x[0, 0, 5, 0] = float("inf")  # an edge column
+    x[0, 1, 2, 7] = -float("inf")
+    r[0, 5, 0, 0] = float("nan")
+    z = _dw_reference(x, wt, b, r, shape, "identity")
+    assert z.isnan().any() and z.isinf().any()
+    torch.testing.assert_close(_dw_run(x, wt, b, r, shape, act).double(),
+                               _dw_reference(x, wt, b, r, shape, act), atol=2e-5, rtol=2e-5,
+                               equal_nan=True)
+
+
+@needs_avx2
+def test_cpu_conv_plan_takes_depthwise_at_batch_1_only(isa):
+    c = 24
+    wt = make((c, 1, 3, 3), torch.float32, "cpu", seed=1)
+    for n, fmt, groups, want in [(1, CL, c, True), (2, CL, c, False),
+                                 (1, torch.contiguous_format, c, False), (1, CL, 2, False)]:
+        x = make((n, c, 6, 6), torch.float32, "cpu", seed=2).contiguous(memory_format=fmt)
+        w = wt if groups == c else make((c, c // groups, 3, 3), torch.float32, "cpu", seed=3)
+        assert _conv_direct.direct_pays(x, w, (1, 1), (1, 1), (1, 1), groups, "silu") is want
+    x = make((1, c, 6, 6), torch.float32, "cpu", seed=2).contiguous(memory_format=CL)
+    y = _conv.cpu_conv_plan(x, wt, None, (2, 2), (1, 1), (1, 1), c, "silu", None)(x, None, None)
+    torch.testing.assert_close(y, F.silu(F.conv2d(x, wt, None, 2, 1, 1, c)), atol=2e-6, rtol=2e-6)
+
+
+@needs_avx2
+@pytest.mark.parametrize("bad, match", [
+    (lambda x, p, out: (out, x, p[..., :4], None, None), "dwconv2d_nhwc_: packed must be"),
+    (lambda x, p, out: (out[:, :5], x, p, None, None), "out must have x's 8 channels"),
+    (lambda x, p, out: (out, x.contiguous(), p, None, None), "x must have unit channel stride"),
+    (lambda x, p, out: (out, x, p, None, out[:, :, :1]), "residual must be shaped as out"),
+])
+def test_depthwise_bad_input_names_the_argument(bad, match):
+    x = torch.randn(1, 8, 5, 5).contiguous(memory_format=CL)
+    p = _conv_direct.pack_depthwise(torch.randn(8, 1, 3, 3))
+    out = torch.empty(1, 8, 5, 5).contiguous(memory_format=CL)
+    with pytest.raises(RuntimeError, match=match):
+        C_.dwconv2d_nhwc_(*bad(x, p, out), [1, 1], [1, 1], [1, 1], "relu")

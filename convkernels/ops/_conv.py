@@ -157,7 +157,7 @@ def cpu_conv_plan(x, weight, bias, stride, padding, dilation, groups, act, resid
     convkernels' direct NHWC kernel where that does (_conv_direct.py), else
     oneDNN with post-ops."""
     if direct_pays(x, weight, stride, padding, dilation, groups, act):
-        return direct_plan(x, weight, bias, stride, padding, dilation, act, residual)
+        return direct_plan(x, weight, bias, stride, padding, dilation, act, residual, groups)
     if x.is_contiguous() and gemm_pays(x, weight, stride, padding, groups):
         return _gemm_plan(x, weight, bias, stride, act, residual)
     return _onednn_plan(x, weight, bias, stride, padding, dilation, groups, act, residual)

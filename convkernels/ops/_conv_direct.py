@@ -19,9 +19,12 @@ sum: on a 2-core Intel Xeon VM with AVX-512 (2026-12-04), 1.08x (ResNet-50),
 1.05-1.06x, 1.07-1.14x, 1.20-1.29x, 1.04-1.07x, and 0.99-1.01x at batch 8.
 (On the Intel VM the kernel's AVX2 tiles ran at 0.5-0.7x the speed of
 oneDNN's AVX-512 code, which is why it has AVX-512 tiles.) The stem's
-3-channel conv and grouped or depthwise convs stay on oneDNN (a direct
-depthwise kernel, one vector multiply-add per tap and pixel, ran at 0.5-0.7x
-oneDNN's on EfficientNet-B0's depthwise convs and was dropped).
+3-channel conv and grouped convs stay on oneDNN. Depthwise convs (groups ==
+channels) run direct at batch 1 (``dwconv2d_nhwc_``: a tap's weight vectors
+serve 4 pixels of the image's interior): EfficientNet-B0's, SiLU after, on
+the Intel VM ran 1.04-2.5x oneDNN's speed there, but 0.71-1.46x at batch 8
+(the 5x5 convs on 14x14 and 7x7 maps slowest: their edge columns are
+computed one pixel at a time), which stays on oneDNN.
 """
 from __future__ import annotations
 
@@ -57,10 +60,17 @@ def _built_with_avx2() -> bool:
     return torch.ops.convkernels_C.conv_isa() != "none"
 
 
+def _depthwise(x, weight, groups) -> bool:
+    return groups > 1 and groups == x.size(1) == weight.size(0) and weight.size(1) == 1
+
+
 def direct_pays(x, weight, stride, padding, dilation, groups, act) -> bool:
     """Whether the direct kernel takes this conv (see the module docstring)."""
-    if not (groups == 1 and act in _ACTS and weight.size(1) >= _MIN_CIN
-            and memory_format(x) == torch.channels_last and _built_with_avx2()):
+    if not (act in _ACTS and memory_format(x) == torch.channels_last and _built_with_avx2()):
+        return False
+    if groups != 1:
+        return _depthwise(x, weight, groups) and x.size(0) == 1
+    if weight.size(1) < _MIN_CIN:
         return False
     one_by_one = tuple(weight.shape[2:]) == (1, 1)
     if one_by_one and (weight.size(1) <= _FEW_CIN
@@ -80,13 +90,24 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(panels, _PANEL, cin, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
 
 
-def direct_plan(x, weight, bias, stride, padding, dilation, act, residual):
+def pack_depthwise(weight: torch.Tensor) -> torch.Tensor:
+    """A depthwise ``weight`` [C, 1, KH, KW] as [KH, KW, C]: a tap's C weights contiguous."""
+    return weight[:, 0].permute(1, 2, 0).contiguous()
+
+
+def direct_plan(x, weight, bias, stride, padding, dilation, act, residual, groups=1):
     """``run(x, residual, out)`` for inputs shaped as ``x``, computing
-    ``act(conv2d(x, weight) + bias (+ residual))`` channels_last, straight into
-    ``out`` where out is a channels_last channel slice and no residual is read
-    (the kernel's output may not overlap its inputs, which a residual view of
-    out could)."""
-    packed = FOLD_CACHE.get((weight,), ("direct-packed",), lambda: pack(weight.detach()))
+    ``act(conv2d(x, weight) + bias (+ residual))`` channels_last (groups 1, or
+    depthwise), straight into ``out`` where out is a channels_last channel
+    slice and no residual is read (the kernel's output may not overlap its
+    inputs, which a residual view of out could)."""
+    if groups == 1:
+        packed = FOLD_CACHE.get((weight,), ("direct-packed",), lambda: pack(weight.detach()))
+        kernel = torch.ops.convkernels_C.conv2d_nhwc_
+    else:
+        packed = FOLD_CACHE.get((weight,), ("direct-packed-depthwise",),
+                                lambda: pack_depthwise(weight.detach()))
+        kernel = torch.ops.convkernels_C.dwconv2d_nhwc_
     args = (list(stride), list(padding), list(dilation), act)
     shape = (x.size(0), weight.size(0), *conv_output_size("conv", x, weight, stride, padding,
                                                           dilation))
@@ -96,6 +117,6 @@ def direct_plan(x, weight, bias, stride, padding, dilation, act, residual):
                   and is_channel_slice(out, torch.channels_last))
         y = out if direct else torch.empty(shape, dtype=x.dtype,
                                            memory_format=torch.channels_last)
-        torch.ops.convkernels_C.conv2d_nhwc_(y, x, packed, bias, residual, *args)
+        kernel(y, x, packed, bias, residual, *args)
         return y if out is None or direct else into(y, out)
     return run

@@ -60,6 +60,11 @@ conv2d_nhwc_(out, x, packed, bias, residual, stride, padding, dilation, act) -> 
     in use, ``set_conv_isa(isa) -> str`` picks one the CPU has (for tests and
     benchmarks) and returns the previous one.
 
+dwconv2d_nhwc_(out, x, packed, bias, residual, stride, padding, dilation, act) -> None
+    (compiled CPU kernels, AVX2 builds only) conv2d_nhwc_ for a depthwise conv
+    (groups == channels, ``out`` with x's channels), ``packed`` the weight as
+    ``[KH, KW, C]`` (ops/_conv_direct.py's ``pack_depthwise``).
+
 squeeze_excite(x, w1, b1, w2, b2, act, gate) -> y   (compiled CPU kernels only)
     A squeeze-and-excitation block for inference (no autograd), fp32 or fp64:
     ``y = x * gate(fc2(act(fc1(mean_hw(x)))))[n, c]`` with ``fc1``, ``fc2`` the

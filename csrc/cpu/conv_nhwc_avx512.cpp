@@ -82,6 +82,8 @@ void conv_nhwc_avx512(const Geometry& g, const Reduction& red, int64_t pixels) {
   conv_nhwc<Avx512>(g, red, pixels);
 }
 
+void dwconv_nhwc_avx512(const Geometry& g, int64_t rows) { dwconv_nhwc<Avx512>(g, rows); }
+
 }  // namespace cpu
 }  // namespace convkernels
 

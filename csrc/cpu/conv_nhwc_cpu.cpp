@@ -13,7 +13,7 @@
 //
 // Contract (convkernels/ops/primitives.py): conv2d_nhwc_(out, x, packed, bias,
 // residual, stride, padding, dilation, act) writes act(conv2d(x, w) + bias +
-// residual) into out; x, out and residual have unit channel stride (a
+// residual) into out (dwconv2d_nhwc_ the same for a depthwise conv); x, out and residual have unit channel stride (a
 // channels_last tensor or a channel slice of one); out overlaps neither.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -163,53 +163,45 @@ std::vector<int64_t> plan_slices(int64_t taps, int64_t cin, int64_t block,
   return starts;
 }
 
-void check_nhwc(const char* name, const Tensor& t) {
+void check_nhwc(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4,
-              "conv2d_nhwc_: ", name, " must be a 4-D float32 CPU tensor, got ", t.scalar_type(),
-              " ", t.sizes(), " on ", t.device());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "conv2d_nhwc_: ", name,
+              op, ": ", name, " must be a 4-D float32 CPU tensor, got ", t.scalar_type(), " ",
+              t.sizes(), " on ", t.device());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
               " must have unit channel stride (channels_last or a channel slice of it), got "
               "strides ",
               t.strides());
 }
 
-void conv2d_nhwc__cpu(const Tensor& out, const Tensor& x, const Tensor& packed,
-                      const std::optional<Tensor>& bias, const std::optional<Tensor>& residual,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                      c10::string_view act) {
-  check_nhwc("x", x);
-  check_nhwc("out", out);
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "conv2d_nhwc_: stride, padding and dilation must have 2 values each");
-  TORCH_CHECK(packed.dim() == 5 && packed.size(4) == kPanel && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kFloat && packed.size(3) == x.size(1),
-              "conv2d_nhwc_: packed must be a contiguous float32 [panels, KH, KW, ", x.size(1),
-              ", 16] weight, got ", packed.sizes());
-  const int64_t kh = packed.size(1), kw = packed.size(2), cin = x.size(1);
-  const int64_t cout = out.size(1), panels = packed.size(0);
-  TORCH_CHECK(panels == (cout + kPanel - 1) / kPanel, "conv2d_nhwc_: packed has ", panels,
-              " panels of 16 output channels, out has ", cout, " channels");
+// The checks and the launch both ops share: out's shape for a kh x kw kernel,
+// the act, the overlaps, the bias (padded to whole 16-channel panels) and the
+// residual. `depthwise`: `weights` is [KH, KW, C] and out has x's channels.
+void run_direct(const char* op, const Tensor& out, const Tensor& x, const float* weights,
+                int64_t kh, int64_t kw, bool depthwise, const std::optional<Tensor>& bias,
+                const std::optional<Tensor>& residual, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view act) {
+  const int64_t cin = x.size(1), cout = out.size(1), panels = (cout + kPanel - 1) / kPanel;
   const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
   const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(out.size(0) == x.size(0) && out.size(2) == oh && out.size(3) == ow,
-              "conv2d_nhwc_: out must be [", x.size(0), ", ", cout, ", ", oh, ", ", ow, "], got ",
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(2) == oh && out.size(3) == ow, op,
+              ": out must be [", x.size(0), ", ", cout, ", ", oh, ", ", ow, "], got ",
               out.sizes());
   const std::string a(act.data(), act.size());
-  TORCH_CHECK(a == "relu" || a == "identity" || a == "silu" || a == "sigmoid",
-              "conv2d_nhwc_: act must be relu, identity, silu or sigmoid, got ", a);
+  TORCH_CHECK(a == "relu" || a == "identity" || a == "silu" || a == "sigmoid", op,
+              ": act must be relu, identity, silu or sigmoid, got ", a);
   at::assert_no_overlap(out, x);
   std::vector<float> padded_bias;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == cout && bias->scalar_type() == at::kFloat &&
                     bias->device().is_cpu(),
-                "conv2d_nhwc_: bias must be a float32 CPU vector of ", cout, " values");
+                op, ": bias must be a float32 CPU vector of ", cout, " values");
     const Tensor b = bias->contiguous();
     padded_bias.assign(panels * kPanel, 0.f);
     std::copy(b.const_data_ptr<float>(), b.const_data_ptr<float>() + cout, padded_bias.begin());
   }
   if (residual.has_value()) {
-    check_nhwc("residual", *residual);
-    TORCH_CHECK(residual->sizes() == out.sizes(), "conv2d_nhwc_: residual must be shaped as out ",
+    check_nhwc(op, "residual", *residual);
+    TORCH_CHECK(residual->sizes() == out.sizes(), op, ": residual must be shaped as out ",
                 out.sizes(), ", got ", residual->sizes());
     at::assert_no_overlap(out, *residual);
   }
@@ -218,8 +210,9 @@ void conv2d_nhwc__cpu(const Tensor& out, const Tensor& x, const Tensor& packed,
   const Isa isa = current_isa().load();
   const int64_t block = isa == Isa::kAvx512 ? kBlockKAvx512 : kBlockKAvx2;
   std::vector<Slice> slices;
-  const std::vector<int64_t> blocks = plan_slices(kh * kw, cin, block, slices);
-  const std::vector<float> zeros(std::min(cin, block), 0.f);
+  const std::vector<int64_t> blocks =
+      depthwise ? std::vector<int64_t>{} : plan_slices(kh * kw, cin, block, slices);
+  const std::vector<float> zeros(depthwise ? 0 : std::min(cin, block), 0.f);
   const Tensor* res = residual.has_value() ? &*residual : nullptr;
   const Geometry g{x.const_data_ptr<float>(), x.stride(0), x.stride(2), x.stride(3),
                    x.size(2), x.size(3), oh, ow, kw, kh * kw, cin,
@@ -227,9 +220,17 @@ void conv2d_nhwc__cpu(const Tensor& out, const Tensor& x, const Tensor& packed,
                    out.data_ptr<float>(), out.stride(0), out.stride(2), out.stride(3),
                    res ? res->const_data_ptr<float>() : nullptr,
                    res ? res->stride(0) : 0, res ? res->stride(2) : 0, res ? res->stride(3) : 0,
-                   packed.const_data_ptr<float>(),
-                   padded_bias.empty() ? nullptr : padded_bias.data(), zeros.data(), cout,
-                   parse_act(a)};
+                   weights, padded_bias.empty() ? nullptr : padded_bias.data(), zeros.data(),
+                   cout, parse_act(a)};
+  if (depthwise) {
+    const int64_t rows = x.size(0) * oh;
+    if (isa == Isa::kAvx512) {
+      dwconv_nhwc_avx512(g, rows);
+    } else {
+      dwconv_nhwc<Avx2>(g, rows);
+    }
+    return;
+  }
   const Reduction red{slices.data(), blocks.data(), static_cast<int64_t>(blocks.size()) - 1};
   const int64_t pixels = x.size(0) * oh * ow;
   if (isa == Isa::kAvx512) {
@@ -238,9 +239,50 @@ void conv2d_nhwc__cpu(const Tensor& out, const Tensor& x, const Tensor& packed,
     conv_nhwc<Avx2>(g, red, pixels);
   }
 #else
-  TORCH_CHECK(false, "conv2d_nhwc_: convkernels._C was built without AVX2 "
+  TORCH_CHECK(false, op, ": convkernels._C was built without AVX2 "
               "(CONVKERNELS_CPU_CAPABILITY=DEFAULT); use aten's convolution");
 #endif
+}
+
+void check_args(const char* op, const Tensor& out, const Tensor& x, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_nhwc(op, "x", x);
+  check_nhwc(op, "out", out);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 values each");
+}
+
+void conv2d_nhwc__cpu(const Tensor& out, const Tensor& x, const Tensor& packed,
+                      const std::optional<Tensor>& bias, const std::optional<Tensor>& residual,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                      c10::string_view act) {
+  const char* op = "conv2d_nhwc_";
+  check_args(op, out, x, stride, padding, dilation);
+  TORCH_CHECK(packed.dim() == 5 && packed.size(4) == kPanel && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kFloat && packed.size(3) == x.size(1),
+              "conv2d_nhwc_: packed must be a contiguous float32 [panels, KH, KW, ", x.size(1),
+              ", 16] weight, got ", packed.sizes());
+  const int64_t panels = packed.size(0), cout = out.size(1);
+  TORCH_CHECK(panels == (cout + kPanel - 1) / kPanel, "conv2d_nhwc_: packed has ", panels,
+              " panels of 16 output channels, out has ", cout, " channels");
+  run_direct(op, out, x, packed.const_data_ptr<float>(), packed.size(1), packed.size(2), false,
+             bias, residual, stride, padding, dilation, act);
+}
+
+void dwconv2d_nhwc__cpu(const Tensor& out, const Tensor& x, const Tensor& packed,
+                        const std::optional<Tensor>& bias, const std::optional<Tensor>& residual,
+                        at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, c10::string_view act) {
+  const char* op = "dwconv2d_nhwc_";
+  check_args(op, out, x, stride, padding, dilation);
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == x.size(1) && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kFloat,
+              "dwconv2d_nhwc_: packed must be a contiguous float32 [KH, KW, ", x.size(1),
+              "] weight, got ", packed.sizes());
+  TORCH_CHECK(out.size(1) == x.size(1), "dwconv2d_nhwc_: out must have x's ", x.size(1),
+              " channels, got ", out.size(1));
+  run_direct(op, out, x, packed.const_data_ptr<float>(), packed.size(0), packed.size(1), true,
+             bias, residual, stride, padding, dilation, act);
 }
 
 }  // namespace
@@ -255,4 +297,5 @@ TORCH_LIBRARY_FRAGMENT(convkernels_C, m) {
 
 TORCH_LIBRARY_IMPL(convkernels_C, CPU, m) {
   m.impl("conv2d_nhwc_", &convkernels::cpu::conv2d_nhwc__cpu);
+  m.impl("dwconv2d_nhwc_", &convkernels::cpu::dwconv2d_nhwc__cpu);
 }

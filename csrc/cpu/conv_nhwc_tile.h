@@ -75,6 +75,8 @@ struct Reduction {
 // a 64-channel tile's weights of 256 channels are 64 KiB, read from L2 (128,
 // 32 KiB as AVX2's 512 x 16, ran 1-3% slower on ResNet-50's convs).
 void conv_nhwc_avx512(const Geometry& g, const Reduction& red, int64_t pixels);
+// dwconv_nhwc<Avx512> (rows: batch x output height).
+void dwconv_nhwc_avx512(const Geometry& g, int64_t rows);
 constexpr int64_t kBlockKAvx512 = 256;
 
 namespace {
@@ -285,6 +287,106 @@ void conv_nhwc(const Geometry& g, const Reduction& red, int64_t pixels) {
           table[m1 - m0 - 1](g, m0, col0, s, s_end, b == 0, b + 1 == red.nblocks);
         }
       }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- depthwise
+// groups == channels: output channel c reads input channel c alone, so a step
+// is one multiply-add per tap, pixel and vector of channels, with the weights
+// packed [KH, KW, C] (ops/_conv_direct.py's pack_depthwise; g.cin == g.cout ==
+// C). A call computes R pixels of output row oy of sample n, from column ox0,
+// for the H vectors of channels from col0; each tap's H weight vectors serve
+// the R pixels. `checked`: some taps fall outside the image (R is then 1) and
+// are skipped; else every tap is inside.
+template <class V, int H, int R, bool checked>
+void dw_pixels(const Geometry& g, const typename V::Cols& cols, const typename V::Reg* bias,
+               int64_t n, int64_t oy, int64_t ky0, int64_t ky1, int64_t ox0, int64_t col0) {
+  using Reg = typename V::Reg;
+  const int64_t ix0 = ox0 * g.sw - g.pw, step = g.sw * g.xw;
+  Reg acc[R][H];
+  CK_UNROLL
+  for (int r = 0; r < R; ++r)
+    CK_UNROLL
+    for (int h = 0; h < H; ++h) acc[r][h] = bias[h];
+  for (int64_t ky = ky0; ky < ky1; ++ky) {
+    const float* xrow = g.x + n * g.xn + (oy * g.sh - g.ph + ky * g.dh) * g.xh + col0;
+    const float* wrow = g.weights + ky * g.kw * g.cin + col0;
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const int64_t ix = ix0 + kx * g.dw;
+      if (checked && (ix < 0 || ix >= g.w)) continue;
+      Reg wv[H];
+      CK_UNROLL
+      for (int h = 0; h < H; ++h) wv[h] = cols.load(wrow + kx * g.cin, h);
+      const float* xp = xrow + ix * g.xw;
+      CK_UNROLL
+      for (int r = 0; r < R; ++r)
+        CK_UNROLL
+        for (int h = 0; h < H; ++h) acc[r][h] = V::fma(cols.load(xp + r * step, h), wv[h], acc[r][h]);
+    }
+  }
+  CK_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const int64_t ox = ox0 + r;
+    if (g.res != nullptr) {
+      const float* p = g.res + n * g.rn + oy * g.rh + ox * g.rw + col0;
+      CK_UNROLL
+      for (int h = 0; h < H; ++h) acc[r][h] = V::add(acc[r][h], cols.load(p, h));
+    }
+    float* o = g.out + n * g.on + oy * g.oh_s + ox * g.ow_s + col0;
+    CK_UNROLL
+    for (int h = 0; h < H; ++h) cols.store(o, h, activate<V>(g.act, acc[r][h]));
+  }
+}
+
+constexpr int64_t kDwPixels = 4;  // R of the interior's calls
+
+// Output row oy of sample n for H vectors of channels from col0: the columns
+// whose taps all lie inside the image in calls of kDwPixels, the rest checked.
+template <class V, int H>
+void dw_row(const Geometry& g, int64_t n, int64_t oy, int64_t col0) {
+  using Reg = typename V::Reg;
+  constexpr int R = kDwPixels;
+  const typename V::Cols cols(g.cout - col0);
+  const int64_t kh = g.taps / g.kw;
+  int64_t ky0 = 0, ky1 = kh;  // the taps whose input row is inside the image
+  while (ky0 < kh && oy * g.sh - g.ph + ky0 * g.dh < 0) ++ky0;
+  while (ky1 > ky0 && oy * g.sh - g.ph + (ky1 - 1) * g.dh >= g.h) --ky1;
+  Reg bias[H];
+  CK_UNROLL
+  for (int h = 0; h < H; ++h) bias[h] = g.bias ? cols.load(g.bias + col0, h) : V::zero();
+  // Interior columns: ox * sw - pw >= 0 and ox * sw - pw + (kw - 1) * dw < w.
+  const int64_t last = g.w - 1 - (g.kw - 1) * g.dw + g.pw;
+  const int64_t lo = std::min(g.ow, (g.pw + g.sw - 1) / g.sw);
+  const int64_t hi = last < 0 ? lo : std::max(lo, std::min(g.ow, last / g.sw + 1));
+  int64_t ox = 0;
+  for (; ox < lo; ++ox) dw_pixels<V, H, 1, true>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
+  for (; ox + R <= hi; ox += R) dw_pixels<V, H, R, false>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
+  for (; ox < hi; ++ox) dw_pixels<V, H, 1, false>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
+  for (; ox < g.ow; ++ox) dw_pixels<V, H, 1, true>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
+}
+
+using DwRowFn = void (*)(const Geometry&, int64_t, int64_t, int64_t);
+template <class V, int... H>
+constexpr std::array<DwRowFn, sizeof...(H)> dw_row_table(std::integer_sequence<int, H...>) {
+  return {&dw_row<V, H + 1>...};
+}
+
+// The whole depthwise conv: items are (output row, group of channels),
+// channel-minor. The channels' vectors are split into as few groups of at most
+// V::kVecs as they need, of even size (144 channels in AVX-512 vectors: 3 x 3,
+// not 4 + 4 + 1, whose last group pays a tap's overhead for one vector).
+template <class V>
+void dwconv_nhwc(const Geometry& g, int64_t rows) {
+  static constexpr auto table = dw_row_table<V>(std::make_integer_sequence<int, V::kVecs>{});
+  const int64_t vecs = (g.cout + V::kWidth - 1) / V::kWidth;
+  const int64_t groups = (vecs + V::kVecs - 1) / V::kVecs;
+  const int64_t per_group = (vecs + groups - 1) / groups;
+  at::parallel_for(0, rows * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / groups, v0 = item % groups * per_group;
+      const int64_t h = std::min(per_group, vecs - v0);
+      if (h > 0) table[h - 1](g, row / g.oh, row % g.oh, v0 * V::kWidth);
     }
   });
 }
