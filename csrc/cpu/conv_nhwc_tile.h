@@ -297,9 +297,10 @@ void conv_nhwc(const Geometry& g, const Reduction& red, int64_t pixels) {
 // packed [KH, KW, C] (ops/_conv_direct.py's pack_depthwise; g.cin == g.cout ==
 // C). A call computes R pixels of output row oy of sample n, from column ox0,
 // for the H vectors of channels from col0; each tap's H weight vectors serve
-// the R pixels. `checked`: some taps fall outside the image (R is then 1) and
-// are skipped; else every tap is inside.
-template <class V, int H, int R, bool checked>
+// the R pixels. `checked`: some of their taps fall outside the image and are
+// skipped, pixel by pixel; else every tap is inside. KW: the kernel's width where it is
+// 3 or 5 (the tap loop then unrolls, edge checks and all), else 0 (g.kw).
+template <class V, int H, int R, bool checked, int KW>
 void dw_pixels(const Geometry& g, const typename V::Cols& cols, const typename V::Reg* bias,
                int64_t n, int64_t oy, int64_t ky0, int64_t ky1, int64_t ox0, int64_t col0) {
   using Reg = typename V::Reg;
@@ -311,18 +312,21 @@ void dw_pixels(const Geometry& g, const typename V::Cols& cols, const typename V
     for (int h = 0; h < H; ++h) acc[r][h] = bias[h];
   for (int64_t ky = ky0; ky < ky1; ++ky) {
     const float* xrow = g.x + n * g.xn + (oy * g.sh - g.ph + ky * g.dh) * g.xh + col0;
-    const float* wrow = g.weights + ky * g.kw * g.cin + col0;
-    for (int64_t kx = 0; kx < g.kw; ++kx) {
+    const int64_t kw = KW > 0 ? KW : g.kw;
+    const float* wrow = g.weights + ky * kw * g.cin + col0;
+    _Pragma("GCC unroll 5")
+    for (int64_t kx = 0; kx < kw; ++kx) {
       const int64_t ix = ix0 + kx * g.dw;
-      if (checked && (ix < 0 || ix >= g.w)) continue;
       Reg wv[H];
       CK_UNROLL
       for (int h = 0; h < H; ++h) wv[h] = cols.load(wrow + kx * g.cin, h);
       const float* xp = xrow + ix * g.xw;
       CK_UNROLL
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r) {
+        if (checked && (ix + r * g.sw < 0 || ix + r * g.sw >= g.w)) continue;
         CK_UNROLL
         for (int h = 0; h < H; ++h) acc[r][h] = V::fma(cols.load(xp + r * step, h), wv[h], acc[r][h]);
+      }
     }
   }
   CK_UNROLL
@@ -341,10 +345,11 @@ void dw_pixels(const Geometry& g, const typename V::Cols& cols, const typename V
 
 constexpr int64_t kDwPixels = 4;  // R of the interior's calls
 
-// Output row oy of sample n for H vectors of channels from col0: the columns
-// whose taps all lie inside the image in calls of kDwPixels, the rest checked.
-template <class V, int H>
-void dw_row(const Geometry& g, int64_t n, int64_t oy, int64_t col0) {
+// Output row oy of sample n for H vectors of channels from col0, in calls of
+// kDwPixels columns (checked where one of them has a tap outside the image),
+// the last few columns one by one.
+template <class V, int H, int KW>
+void dw_row_kw(const Geometry& g, int64_t n, int64_t oy, int64_t col0) {
   using Reg = typename V::Reg;
   constexpr int R = kDwPixels;
   const typename V::Cols cols(g.cout - col0);
@@ -360,10 +365,23 @@ void dw_row(const Geometry& g, int64_t n, int64_t oy, int64_t col0) {
   const int64_t lo = std::min(g.ow, (g.pw + g.sw - 1) / g.sw);
   const int64_t hi = last < 0 ? lo : std::max(lo, std::min(g.ow, last / g.sw + 1));
   int64_t ox = 0;
-  for (; ox < lo; ++ox) dw_pixels<V, H, 1, true>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
-  for (; ox + R <= hi; ox += R) dw_pixels<V, H, R, false>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
-  for (; ox < hi; ++ox) dw_pixels<V, H, 1, false>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
-  for (; ox < g.ow; ++ox) dw_pixels<V, H, 1, true>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
+  for (; ox + R <= g.ow; ox += R) {
+    if (ox >= lo && ox + R <= hi) {
+      dw_pixels<V, H, R, false, KW>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
+    } else {
+      dw_pixels<V, H, R, true, KW>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
+    }
+  }
+  for (; ox < g.ow; ++ox) dw_pixels<V, H, 1, true, KW>(g, cols, bias, n, oy, ky0, ky1, ox, col0);
+}
+
+template <class V, int H>
+void dw_row(const Geometry& g, int64_t n, int64_t oy, int64_t col0) {
+  switch (g.kw) {
+    case 3: return dw_row_kw<V, H, 3>(g, n, oy, col0);
+    case 5: return dw_row_kw<V, H, 5>(g, n, oy, col0);
+    default: return dw_row_kw<V, H, 0>(g, n, oy, col0);
+  }
 }
 
 using DwRowFn = void (*)(const Geometry&, int64_t, int64_t, int64_t);
