@@ -53,6 +53,11 @@ _MAX_KXK_FLOPS = 100e6
 # speed (7.5x on ResNet-50's 64->64), so the pixel limit (from the AVX2
 # tiles on the AMD VM) is for the kxk convs and AVX2 alone.
 _FEW_CIN = 16
+# With the AVX-512 tiles a kxk conv at batch 1 runs direct at any FLOP count up
+# to a 56x56 output: on ResNet-50's 3x3 convs and DenseNet's 128 -> 32 it ran
+# 0.96-1.22x oneDNN's speed (8 of 9 faster; batch 8: 0.94-1.07x, left to the
+# limits above). Intel Xeon VM, 2 threads, 2026-12-04.
+_MAX_AVX512_KXK_PIXELS = 56 * 56
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,6 +83,9 @@ def direct_pays(x, weight, stride, padding, dilation, groups, act) -> bool:
         return True
     oh, ow = conv_output_size("conv", x, weight, stride, padding, dilation)
     pixels = x.size(0) * oh * ow
+    if (x.size(0) == 1 and pixels <= _MAX_AVX512_KXK_PIXELS
+            and torch.ops.convkernels_C.conv_isa() == "avx512"):
+        return True
     return pixels <= _MAX_PIXELS and (one_by_one or 2 * pixels * weight.numel() <= _MAX_KXK_FLOPS)
 
 
