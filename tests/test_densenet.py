@@ -298,6 +298,40 @@ def test_densenet121_channels_last_fp32():
         assert rel(ours(x), tv(x)) <= OUT_TOL
 
 
+# One of each kind of tensor a dense layer's prepared eval calls derive from
+# (models/_dense_block._layer_plan): norm1's statistics and affine, conv1,
+# norm2 (folded into conv1) and conv2.
+LAYER_TENSORS = ("norm1.running_var", "norm1.weight", "conv1.weight", "norm2.running_mean",
+                 "norm2.bias", "conv2.weight")
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", LAYER_TENSORS)
+def test_eval_layer_follows_tracked_writes_stale_through_data(name):
+    """Eval without autograd (fp32, batch 1: the prepared layer calls) gives
+    torchvision's numbers, follows an in-place write to any of a layer's
+    tensors (the version counter moves), and, like every derived weight, stays
+    stale after a write through ``.data`` until convkernels.clear_caches()."""
+    ours, tv = _pair("DenseNet", torch.float32, False, **SMALL)
+    ours.eval(), tv.eval()
+    x = _input((1, 3, 32, 32), torch.float32, channels_last=True)
+    layer = "features.denseblock2.denselayer2."
+    t_ours, t_tv = (dict(m.named_parameters(), **dict(m.named_buffers()))[layer + name]
+                    for m in (ours, tv))
+    with torch.no_grad():
+        before = ours(x)
+        assert rel(before, tv(x)) <= OUT_TOL
+        for t in (t_ours, t_tv):
+            t.mul_(1.5)
+        after = ours(x)
+        assert rel(after, before) > 10 * OUT_TOL and rel(after, tv(x)) <= OUT_TOL
+        t_ours.data.mul_(0.5)
+        t_tv.mul_(0.5)
+        assert torch.equal(ours(x), after)
+        convkernels.clear_caches()
+        assert rel(ours(x), tv(x)) <= OUT_TOL
+
+
 @needs_cpu
 def test_eval_mode_gradients():
     """Eval mode with autograd (running statistics in every BN) backprops too."""

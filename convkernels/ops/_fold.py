@@ -19,7 +19,9 @@ import torch
 
 from .primitives import acc_dtype
 
-_MAX_ENTRIES = 512  # more than the derived weights (folded, prepacked, cast) of any model in the set
+# More than the derived weights (folded, prepacked, cast) and the DenseNet layers'
+# prepared calls of any model in the set (densenet201: 398 + 98).
+_MAX_ENTRIES = 1024
 
 
 class _FoldCache:
