@@ -330,13 +330,15 @@ def test_depthwise_nan_and_inf_as_torch(isa, act):
 
 
 @needs_avx2
-def test_cpu_conv_plan_takes_depthwise_at_batch_1_only(isa):
+def test_cpu_conv_plan_takes_depthwise_at_batch_1_and_3x3(isa):
     c = 24
     wt = make((c, 1, 3, 3), torch.float32, "cpu", seed=1)
-    for n, fmt, groups, want in [(1, CL, c, True), (2, CL, c, False),
-                                 (1, torch.contiguous_format, c, False), (1, CL, 2, False)]:
+    w5 = make((c, 1, 5, 5), torch.float32, "cpu", seed=1)
+    for n, fmt, w, groups, want in [(1, CL, wt, c, True), (2, CL, wt, c, True),
+                                    (1, CL, w5, c, True), (2, CL, w5, c, False),
+                                    (1, torch.contiguous_format, wt, c, False),
+                                    (1, CL, make((c, 12, 3, 3), torch.float32, "cpu"), 2, False)]:
         x = make((n, c, 6, 6), torch.float32, "cpu", seed=2).contiguous(memory_format=fmt)
-        w = wt if groups == c else make((c, c // groups, 3, 3), torch.float32, "cpu", seed=3)
         assert _conv_direct.direct_pays(x, w, (1, 1), (1, 1), (1, 1), groups, "silu") is want
     x = make((1, c, 6, 6), torch.float32, "cpu", seed=2).contiguous(memory_format=CL)
     y = _conv.cpu_conv_plan(x, wt, None, (2, 2), (1, 1), (1, 1), c, "silu", None)(x, None, None)
