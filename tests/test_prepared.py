@@ -182,3 +182,97 @@ def test_never_kept_for_inference_tensor_sources(monkeypatch):
             torch.testing.assert_close(ours(x), ref(x), **TOL)
             assert count.take() == 3
     assert not any(conv in _prepared._PLANS for conv in ours.modules())
+
+
+# ----------------------------------------------------- prepared ResNet blocks
+# fuse/resnet.py: a BasicBlock or Bottleneck whose parts would all run prepared
+# runs as one kept chain of conv plans (no public op call), checked once a call.
+def _resnet(name):
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, name)(num_classes=10).eval()
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _check_model(ours, ref, x):
+    """Whole models: the relative norm error (50 layers of fp32 reordering)."""
+    with torch.no_grad():
+        a, b = ours(x), ref(x)
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def _blocks(m):
+    return [b for b in m.modules() if type(b).__name__ in ("BasicBlock", "Bottleneck")]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_resnet_blocks_run_as_prepared_chains(name, fmt, monkeypatch):
+    from convkernels.fuse import resnet
+
+    ref = _resnet(name)
+    ours = convkernels.optimize(copy.deepcopy(ref))
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=fmt)
+    count = _Counting(monkeypatch)
+    _check_model(ours, ref, x)
+    assert all(b in resnet._BLOCK_PLANS for b in _blocks(ours))
+    count.take()
+    _check_model(ours, ref, x)
+    assert count.take() == 0  # the stem prepared, every block a chain
+    with torch.inference_mode():
+        y = ours(x)
+    assert y.is_inference()
+    with torch.no_grad():
+        assert ((y - ref(x)).norm() / ref(x).norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("where", ["conv2", "bn3", "relu", "downsample", "downsample.0"])
+def test_an_observed_module_runs_that_block_part_by_part(where, monkeypatch):
+    ref = _resnet("resnet50")
+    ours = convkernels.optimize(copy.deepcopy(ref))
+    x = torch.randn(1, 3, 32, 32)
+    _check_model(ours, ref, x)
+    seen = []
+    ours.layer2[0].get_submodule(where).register_forward_hook(lambda m, i, o: seen.append(1))
+    count = _Counting(monkeypatch)
+    _check_model(ours, ref, x)
+    assert seen and count.take() > 0  # the hooked block's parts ran as ops or modules
+
+
+def test_resnet_block_follows_tracked_writes_and_clear_caches(monkeypatch):
+    from convkernels.fuse import resnet
+
+    ref = _resnet("resnet50")
+    ours = convkernels.optimize(copy.deepcopy(ref))
+    x = torch.randn(1, 3, 32, 32)
+    _check_model(ours, ref, x)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.layer3[1].bn3.running_var.add_(0.5)
+            m.layer2[0].downsample[0].weight.mul_(1.5)
+    _check_model(ours, ref, x)
+    for m in (ours, ref):
+        m.layer1[0].conv2.weight.data.mul_(2.0)  # bumps no version counter
+    with torch.no_grad():
+        assert not torch.allclose(ours(x), ref(x), **TOL)  # stale, as documented
+    convkernels.clear_caches()
+    assert not resnet._BLOCK_PLANS
+    _check_model(ours, ref, x)
+
+
+def test_stochastic_depth_eval_is_prepared_and_training_is_not(monkeypatch):
+    ref = _resnet("resnet18")
+    ours = convkernels.optimize(copy.deepcopy(ref), stochastic_depth_prob=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    count = _Counting(monkeypatch)
+    _check_model(ours, ref, x)
+    count.take()
+    _check_model(ours, ref, x)
+    assert count.take() == 0
+    ours.train()
+    with torch.no_grad():
+        ours(x)
+    assert count.take() > 0

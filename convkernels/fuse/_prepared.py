@@ -46,7 +46,7 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionar
 on_clear(_PLANS.clear)
 
 
-def _state(sources) -> Optional[tuple]:
+def state_of(sources) -> Optional[tuple]:
     """The sources' version counters and storages; None for inference tensors."""
     try:
         return tuple(None if t is None else (t._version, t.data_ptr()) for t in sources)
@@ -54,8 +54,15 @@ def _state(sources) -> Optional[tuple]:
         return None
 
 
-def _meta(t: Optional[Tensor]):
+def meta_of(t: Optional[Tensor]):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def may_prepare(x: Tensor, residual: Optional[Tensor], sources) -> bool:
+    """Whether this call may take a prepared plan at all (checked on every call):
+    no autograd, no autocast, plain eager tensors, the cpu backend."""
+    return not (needs_grad(x, residual, *sources) or torch.is_autocast_enabled("cpu")
+                or not plain_eager(x, residual) or backend.resolve(x.device) != "cpu")
 
 
 def run(x: Tensor, conv: nn.Module, bn: Optional[nn.Module], act: str,
@@ -74,21 +81,20 @@ def run(x: Tensor, conv: nn.Module, bn: Optional[nn.Module], act: str,
         q, b = bn._parameters, bn._buffers
         sources = (p["weight"], p["bias"], q["weight"], q["bias"], b["running_mean"],
                    b["running_var"])
-    if (needs_grad(x, residual, *sources) or torch.is_autocast_enabled("cpu")
-            or not plain_eager(x, residual) or backend.resolve(x.device) != "cpu"):
+    if not may_prepare(x, residual, sources):
         return None
     key = (bn, act, conv.stride, conv.padding, conv.dilation, conv.groups,
-           None if bn is None else bn.eps, _meta(x), _meta(residual))
+           None if bn is None else bn.eps, meta_of(x), meta_of(residual))
     ids = tuple(map(id, sources))  # a kept plan holds its sources: their ids stay theirs
     hit = _PLANS.get(conv)
     # A hit: the same, unchanged source objects and key. The sources were plain
     # tensors, and x's dtype and device ones cpu_conv_plan takes, when it was made.
-    if hit is not None and hit[0] == key and hit[1] == ids and hit[2] == _state(sources):
+    if hit is not None and hit[0] == key and hit[1] == ids and hit[2] == state_of(sources):
         fmt = memory_format(x)
         return hit[4](dense(x, fmt), dense(residual, fmt), None)
     if not (plain_eager(*sources) and cpu_conv_ok(x, residual, act)):
         return None
-    state = _state(sources)
+    state = state_of(sources)
     y = op()  # checks the arguments; computes what the plan below computes
     if state is not None:
         fmt = memory_format(x)
