@@ -274,7 +274,7 @@ DW_SHAPES = {
 }
 
 
-def _dw(shape, act, bias=True, residual=True, seed=0):
+def _dw(shape, bias=True, residual=True, seed=0):
     """(the kernel's result, the float64 reference) for a DW_SHAPES entry."""
     n, c, k, s, p, d, (h, w) = shape
     x = make((n, c, h, w), torch.float32, "cpu", seed=seed).contiguous(memory_format=CL)
@@ -307,7 +307,7 @@ def _dw_reference(x, wt, b, r, shape, act):
 @pytest.mark.parametrize("epilogue", ["bias+residual", "none"])
 def test_depthwise_matches_conv2d(isa, name, act, epilogue):
     shape = DW_SHAPES[name]
-    x, wt, b, r = _dw(shape, act, bias=epilogue != "none", residual=epilogue != "none")
+    x, wt, b, r = _dw(shape, bias=epilogue != "none", residual=epilogue != "none")
     torch.testing.assert_close(_dw_run(x, wt, b, r, shape, act).double(),
                                _dw_reference(x, wt, b, r, shape, act), atol=2e-5, rtol=2e-5)
 
@@ -316,7 +316,7 @@ def test_depthwise_matches_conv2d(isa, name, act, epilogue):
 @pytest.mark.parametrize("act", ACTS)
 def test_depthwise_nan_and_inf_as_torch(isa, act):
     shape = DW_SHAPES["3x3"]
-    x, wt, b, r = _dw(shape, act)
+    x, wt, b, r = _dw(shape)
     x = x * 60
     x[0, 3, 2, 4] = float("nan")
     x[0, 0, 5, 0] = float("inf")  # an edge column

@@ -96,7 +96,8 @@ def _join(block: nn.Module, x: Tensor, out: Tensor, conv: nn.Module, bn: nn.Modu
 # the downsample's, kept per block and checked once a call against all of the
 # block's tensors (ids, version counters, storages) and the input's shape and
 # layout, instead of each part's guard and plan check (ResNet-50 eval, batch 1,
-# Intel Xeon VM: ~95 us of Python a part between the kernels).
+# Intel Xeon VM: ~95 us of Python a part between the kernels; the chains took
+# the forward from 37.6 to 35.2 ms, alternating processes).
 _BLOCK_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 on_clear(_BLOCK_PLANS.clear)
 
