@@ -211,14 +211,12 @@ def _blocks(m):
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_resnet_blocks_run_as_prepared_chains(name, fmt, monkeypatch):
-    from convkernels.fuse import resnet
-
     ref = _resnet(name)
     ours = convkernels.optimize(copy.deepcopy(ref))
     x = torch.randn(1, 3, 32, 32).contiguous(memory_format=fmt)
     count = _Counting(monkeypatch)
     _check_model(ours, ref, x)
-    assert all(b in resnet._BLOCK_PLANS for b in _blocks(ours))
+    assert all(b in _prepared._CHAINS for b in _blocks(ours))
     count.take()
     _check_model(ours, ref, x)
     assert count.take() == 0  # the stem prepared, every block a chain
@@ -237,14 +235,11 @@ def test_an_observed_module_runs_that_block_part_by_part(where, monkeypatch):
     _check_model(ours, ref, x)
     seen = []
     ours.layer2[0].get_submodule(where).register_forward_hook(lambda m, i, o: seen.append(1))
-    count = _Counting(monkeypatch)
     _check_model(ours, ref, x)
-    assert seen and count.take() > 0  # the hooked block's parts ran as ops or modules
+    assert seen  # the hooked module ran as itself (relu: three times): no chain ran
 
 
 def test_resnet_block_follows_tracked_writes_and_clear_caches(monkeypatch):
-    from convkernels.fuse import resnet
-
     ref = _resnet("resnet50")
     ours = convkernels.optimize(copy.deepcopy(ref))
     x = torch.randn(1, 3, 32, 32)
@@ -259,7 +254,7 @@ def test_resnet_block_follows_tracked_writes_and_clear_caches(monkeypatch):
     with torch.no_grad():
         assert not torch.allclose(ours(x), ref(x), **TOL)  # stale, as documented
     convkernels.clear_caches()
-    assert not resnet._BLOCK_PLANS
+    assert not _prepared._CHAINS
     _check_model(ours, ref, x)
 
 
@@ -276,3 +271,26 @@ def test_stochastic_depth_eval_is_prepared_and_training_is_not(monkeypatch):
     with torch.no_grad():
         ours(x)
     assert count.take() > 0
+
+
+@pytest.mark.parametrize("where", ["block", "block.1", "block.2", "block.2.fc1", "block.3.1",
+                                   "stochastic_depth"])
+def test_efficientnet_blocks_chain_and_hooks_break_them(where):
+    """EfficientNet's MBConvs run as chains (their convs' plans and the SE
+    kernel) in CPU eval; a hook anywhere in one makes it run as modules."""
+    torch.manual_seed(0)
+    ref = torchvision.models.efficientnet_b0(num_classes=10).eval()
+    for bn in ref.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    ours = convkernels.optimize(copy.deepcopy(ref))
+    x = torch.randn(1, 3, 64, 64)
+    _check_model(ours, ref, x)
+    blocks = [b for b in ours.modules() if type(b).__name__ == "MBConv"]
+    assert all(b in _prepared._CHAINS for b in blocks)
+    _check_model(ours, ref, x)
+    seen = []
+    ours.features[2][1].get_submodule(where).register_forward_hook(lambda m, i, o: seen.append(1))
+    _check_model(ours, ref, x)
+    assert seen == [1]

@@ -46,6 +46,15 @@ def run_conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, act: str,
     return y
 
 
+def chain_step(x: Tensor, conv: nn.Module, bn: nn.Module, act: str,
+               residual: Optional[Tensor], plans: list) -> Tensor:
+    """One part of a block chain being built (``_prepared.run_chain``): the
+    part's own call, and the plan it kept appended to ``plans``."""
+    y = run_conv_bn_act(x, conv, bn, act, residual)
+    plans.append(_prepared.kept_plan(x, conv, bn, act, residual))
+    return y
+
+
 def conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, act: Optional[nn.Module],
                 residual: Optional[Tensor] = None) -> Tensor:
     """``act(bn(conv(x)) [+ residual])``; ``act=None``: no activation module.

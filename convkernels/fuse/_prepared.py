@@ -41,6 +41,7 @@ from .. import backend
 from ..ops._conv import cpu_conv_ok, cpu_conv_plan
 from ..ops._fold import on_clear
 from ..ops._library import dense, memory_format, needs_grad, plain_eager
+from ._guard import bn_blocker, conv_blocker
 
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 on_clear(_PLANS.clear)
@@ -65,26 +66,32 @@ def may_prepare(x: Tensor, residual: Optional[Tensor], sources) -> bool:
                 or not plain_eager(x, residual) or backend.resolve(x.device) != "cpu")
 
 
+def _sources(conv: nn.Module, bn: Optional[nn.Module]) -> tuple:
+    # The modules' dicts, not their attributes: the caller's guard admitted the
+    # exact Conv2d and BatchNorm2d classes, whose tensors live there, and
+    # nn.Module's __getattr__ took 3.2 of the hit's ~9 us (1 thread, Intel VM).
+    p = conv._parameters
+    if bn is None:
+        return p["weight"], p["bias"]
+    q, b = bn._parameters, bn._buffers
+    return p["weight"], p["bias"], q["weight"], q["bias"], b["running_mean"], b["running_var"]
+
+
+def _key(x, conv, bn, act, residual) -> tuple:
+    return (bn, act, conv.stride, conv.padding, conv.dilation, conv.groups,
+            None if bn is None else bn.eps, meta_of(x), meta_of(residual))
+
+
 def run(x: Tensor, conv: nn.Module, bn: Optional[nn.Module], act: str,
         residual: Optional[Tensor], weights, op):
     """``act(bn(conv(x)) [+ residual])`` (``bn=None``: no BatchNorm), eval
     mode. ``weights()``: the op body's (weight, bias) for the conv (BN folded
     in); ``op()``: the public op's call, run on a miss. Returns the result, or
     None where a plan may not be used (the caller runs the op as usual)."""
-    # The modules' dicts, not their attributes: the caller's guard admitted the
-    # exact Conv2d and BatchNorm2d classes, whose tensors live there, and
-    # nn.Module's __getattr__ took 3.2 of the hit's ~9 us (1 thread, Intel VM).
-    p = conv._parameters
-    if bn is None:
-        sources = (p["weight"], p["bias"])
-    else:
-        q, b = bn._parameters, bn._buffers
-        sources = (p["weight"], p["bias"], q["weight"], q["bias"], b["running_mean"],
-                   b["running_var"])
+    sources = _sources(conv, bn)
     if not may_prepare(x, residual, sources):
         return None
-    key = (bn, act, conv.stride, conv.padding, conv.dilation, conv.groups,
-           None if bn is None else bn.eps, meta_of(x), meta_of(residual))
+    key = _key(x, conv, bn, act, residual)
     ids = tuple(map(id, sources))  # a kept plan holds its sources: their ids stay theirs
     hit = _PLANS.get(conv)
     # A hit: the same, unchanged source objects and key. The sources were plain
@@ -104,3 +111,65 @@ def run(x: Tensor, conv: nn.Module, bn: Optional[nn.Module], act: str,
                                  conv.groups, act, dense(residual, fmt))
         _PLANS[conv] = (key, ids, state, sources, plan)
     return y
+
+
+# ------------------------------------------------------------ block chains
+# A block whose parts would all run prepared may run as one kept chain of
+# calls instead (fuse/resnet.py, fuse/mobile.py): checked once a call against
+# all of the block's tensors and the input, not part by part. At batch 1 the
+# Python between kernels runs cold (the kernels evict its caches): ~95 us a
+# part in ResNet-50's forward against ~30 us measured alone.
+_CHAINS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+on_clear(_CHAINS.clear)
+
+
+def conv_bn_sources(pairs) -> tuple:
+    """The tensors of (conv, bn) pairs whose guard admitted them."""
+    return tuple(t for conv, bn in pairs for t in _sources(conv, bn))
+
+
+def pairs_blocker(pairs) -> Optional[str]:
+    """(conv, bn) pairs as a chain computes them: exact classes, unobserved, BN
+    on its running statistics."""
+    for conv, bn in pairs:
+        reason = conv_blocker(conv) or bn_blocker(bn)
+        if reason is None and (bn.training or bn.running_mean is None):
+            reason = "BatchNorm uses batch statistics"
+        if reason is not None:
+            return reason
+    return None
+
+
+def run_chain(block: nn.Module, x: Tensor, sources: tuple, key: tuple, build):
+    """``block``'s kept chain on x where it holds for these sources (same
+    objects, versions, storages) and key; else ``build(x) -> (y, chain)``
+    computes this call part by part (the parts' own calls: ops and checks on
+    a miss, in the caller's inference mode) and the chain of the plans they
+    kept is kept (none where a part kept none, or a source is an inference
+    tensor)."""
+    ids = tuple(map(id, sources))
+    hit = _CHAINS.get(block)
+    if hit is not None and hit[0] == key and hit[1] == ids and hit[2] == state_of(sources):
+        return hit[4](x)
+    state = state_of(sources)
+    y, chain = build(x)
+    if state is not None and chain is not None:
+        _CHAINS[block] = (key, ids, state, sources, chain)
+    return y
+
+
+def kept_plan(x: Tensor, conv: nn.Module, bn: nn.Module, act: str, residual: Optional[Tensor]):
+    """The plan kept for this conv part's call (as :func:`run` would take it
+    now), or None."""
+    hit, sources = _PLANS.get(conv), _sources(conv, bn)
+    if (hit is not None and hit[0] == _key(x, conv, bn, act, residual)
+            and hit[1] == tuple(map(id, sources)) and hit[2] == state_of(sources)):
+        return hit[4]
+    return None
+
+
+def run_plan(plan, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    """A kept plan on x (and residual) made dense in x's layout, as the ops do."""
+    fmt = memory_format(x)
+    return plan(dense(x, fmt), dense(residual, fmt), None)
+

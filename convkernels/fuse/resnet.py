@@ -28,21 +28,17 @@ Nothing here imports torchvision: the classes are registered by path.
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._conv import cpu_conv_ok, cpu_conv_plan
-from ..ops._fold import folded_conv_params, on_clear
-from ..ops._library import dense, memory_format
+from ..ops._conv import cpu_conv_ok
 from . import _prepared
 from ._bind import bound
-from ._guard import (ACTS, act_blocker, bn_blocker, context_blocker, conv_blocker, input_blocker,
-                     observed, part_blocker)
-from ._parts import conv_bn_act
+from ._guard import ACTS, act_blocker, context_blocker, input_blocker, observed, part_blocker
+from ._parts import chain_step, conv_bn_act
 from ._registry import Family, Pattern, family_of, register
 from .layout import cpu_trunk_layout
 
@@ -92,16 +88,9 @@ def _join(block: nn.Module, x: Tensor, out: Tensor, conv: nn.Module, bn: nn.Modu
 
 # ------------------------------------------------- prepared eval blocks (CPU)
 # In eval without autograd on CPU a block whose parts would all run fused and
-# prepared (fuse/_prepared.py) runs as one prepared chain: its conv plans and
-# the downsample's, kept per block and checked once a call against all of the
-# block's tensors (ids, version counters, storages) and the input's shape and
-# layout, instead of each part's guard and plan check (ResNet-50 eval, batch 1,
-# Intel Xeon VM: ~95 us of Python a part between the kernels; the chains took
-# the forward from 37.6 to 35.2 ms, alternating processes).
-_BLOCK_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-on_clear(_BLOCK_PLANS.clear)
-
-
+# prepared runs as one chain of its conv plans and the downsample's
+# (fuse/_prepared.py's block chains; ResNet-50 eval batch 1 on the Intel Xeon
+# VM: 37.6 -> 35.2 ms, alternating processes).
 def _downsample_stage(block: nn.Module) -> Optional[tuple]:
     """``()`` without a downsample, ``((conv, bn),)`` for an unobserved
     ``Sequential(Conv2d, BatchNorm2d)``, else None (it runs as a module)."""
@@ -113,80 +102,50 @@ def _downsample_stage(block: nn.Module) -> Optional[tuple]:
     return (tuple(ds._modules.values()),)
 
 
-def _eval_stages_blocker(stages, relu) -> Optional[str]:
-    for conv, bn in stages:
-        reason = conv_blocker(conv) or bn_blocker(bn)
-        if reason is None and (bn.training or bn.running_mean is None):
-            reason = "BatchNorm uses batch statistics"
-        if reason is not None:
-            return reason
-    return context_blocker() or act_blocker(relu)
-
-
 def _prepared_block(block: nn.Module, x: Tensor, stages: tuple) -> Optional[Tensor]:
-    """The block's eval forward as its prepared chain, or None where the parts
-    must run one by one (the caller then does). ``stages``: the branch's
-    (conv, bn) pairs; every one but the last is followed by block.relu, the
-    last joins the shortcut and then block.relu."""
+    """The block's eval forward as its chain, or None where the parts must run
+    one by one (the caller then does). ``stages``: the branch's (conv, bn)
+    pairs; each but the last is followed by block.relu, the last joins the
+    shortcut and then block.relu."""
+    # The context (tracers) first: FX records every parameter or buffer read.
+    if context_blocker() is not None:
+        return None
     relu, ds = block.relu, _downsample_stage(block)
     if ds is None or input_blocker(x, stages[0][0].weight) is not None:
         return None
-    stages_all = stages + ds
-    if _eval_stages_blocker(stages_all, relu) is not None:
+    pairs = stages + ds
+    if (_prepared.pairs_blocker(pairs) or act_blocker(relu)) is not None:
         return None
     act = ACTS[type(relu)]
-    sources = tuple(t for conv, bn in stages_all for t in
-                    (conv._parameters["weight"], conv._parameters["bias"], bn._parameters["weight"],
-                     bn._parameters["bias"], bn._buffers["running_mean"], bn._buffers["running_var"]))
+    sources = _prepared.conv_bn_sources(pairs)
     if not (_prepared.may_prepare(x, None, sources) and cpu_conv_ok(x, x, act)):
         return None
-    key = (act, _prepared.meta_of(x), tuple((c.stride, c.padding, c.dilation, c.groups, b.eps)
-                                             for c, b in stages_all))
-    ids = tuple(map(id, sources))
-    hit = _BLOCK_PLANS.get(block)
-    if hit is not None and hit[0] == key and hit[1] == ids and hit[2] == _prepared.state_of(sources):
-        return hit[4](x)
-    state = _prepared.state_of(sources)
-    plans = []
+    key = (act, _prepared.meta_of(x),
+           tuple((c.stride, c.padding, c.dilation, c.groups, b.eps) for c, b in pairs))
 
-    def step(inp, conv, bn, act, residual=None):
-        """One conv of the chain on its real input: its plan made (from the
-        input's shape and layout only) and run, as the op's eval would."""
-        fmt = memory_format(inp)
-        inp, residual = dense(inp, fmt), dense(residual, fmt)
-        with torch.inference_mode(False):  # the plan's tensors serve calls outside it too
-            w, b = folded_conv_params(conv.weight, conv.bias, bn.running_mean, bn.running_var,
-                                      bn.weight, bn.bias, bn.eps)
-            plan = cpu_conv_plan(inp, w, b, conv.stride, conv.padding, conv.dilation,
-                                 conv.groups, act, residual)
-        plans.append(plan)
-        return plan(inp, residual, None)
-
-    out = x
-    for conv, bn in stages[:-1]:
-        out = step(out, conv, bn, act)
-    shortcut = step(x, *ds[0], "identity") if ds else x
-    y = step(out, *stages[-1], act, shortcut)
-    if state is not None:
-        _BLOCK_PLANS[block] = (key, ids, state, sources, _chain(plans, len(stages), bool(ds)))
-    return y
+    def build(x):
+        plans, out = [], x
+        for conv, bn in stages[:-1]:
+            out = chain_step(out, conv, bn, act, None, plans)
+        shortcut = chain_step(x, *ds[0], "identity", None, plans) if ds else x
+        y = chain_step(out, *stages[-1], act, shortcut, plans)
+        return y, None if None in plans else _chain(plans, len(stages), bool(ds))
+    return _prepared.run_chain(block, x, sources, key, build)
 
 
 def _chain(plans: list, branch: int, downsample: bool):
     """``run(x)``: the branch's plans in order, the shortcut (x, or the
-    downsample's plan) as the last one's residual; each input made dense in
-    its own layout, as the ops do."""
-    head = plans[:branch - 1]  # the build's order: the branch's head, the downsample, the last
-    last = plans[-1]
+    downsample's plan) as the last one's residual (``plans`` in the build's
+    order: the branch's head, the downsample, the last)."""
+    head, last = plans[:branch - 1], plans[-1]
     ds_plan = plans[branch - 1] if downsample else None
 
     def run(x):
         out = x
         for plan in head:
-            out = plan(dense(out, memory_format(out)), None, None)
-        shortcut = x if ds_plan is None else ds_plan(dense(x, memory_format(x)), None, None)
-        fmt = memory_format(out)
-        return last(dense(out, fmt), dense(shortcut, fmt), None)
+            out = _prepared.run_plan(plan, out)
+        shortcut = x if ds_plan is None else _prepared.run_plan(ds_plan, x)
+        return _prepared.run_plan(last, out, shortcut)
     return run
 
 
