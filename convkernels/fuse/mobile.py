@@ -196,22 +196,25 @@ def _prepared_mbconv(block: nn.Module, x: Tensor) -> Optional[Tensor]:
         for st in stages))
 
     def build(x):
-        steps, plans, out = [], [], x
+        """This call child by child, as their own forwards run it; the chain
+        only where each conv kept a plan and each SE took its kernel."""
+        steps, plans, out, whole = [], [], x, True
         for i, st in enumerate(stages):
             if st[0] == "se":
-                step = _se_step(st[1])
-                out = step(out)
+                whole = whole and _se_input_ok(st[1], out)
+                out, step = squeeze_excitation_forward(st[1], out), _se_step(st[1])
             else:
                 residual = x if res and i == len(stages) - 1 else None
                 out = chain_step(out, st[1], st[2], st[3], residual, plans)
                 step = plans[-1]
             steps.append((st[0] == "se", step))
-        return out, None if None in plans else _mbconv_chain(steps, res)
+        return out, _mbconv_chain(steps, res) if whole and None not in plans else None
     return _prepared.run_chain(block, x, sources, key, build)
 
 
 def _se_step(se: nn.Module):
-    """The block's squeeze_excite call (the kernel reads the parameters as they are then)."""
+    """``run(x)``: the block's squeeze_excite call, on its parameters as they
+    are when it runs."""
     fc1, fc2 = se.fc1, se.fc2
     act, gate = _SE_ACTS[type(se.activation)], _SE_GATES[type(se.scale_activation)]
     return lambda t: torch.ops.convkernels_C.squeeze_excite(
@@ -292,12 +295,12 @@ def se_blocker(se: nn.Module) -> Optional[str]:
             or _prefixed("scale_activation", _se_act_blocker(se.scale_activation, _SE_GATES)))
 
 
-def squeeze_excitation_forward(se: nn.Module, x: Tensor) -> Tensor:
-    """torchvision's ``scale_activation(fc2(activation(fc1(avgpool(x))))) * x``,
-    as one squeeze_excite call in CPU inference (module docstring)."""
+def _se_input_ok(se: nn.Module, x: Tensor) -> bool:
+    """Whether squeeze_excite takes this call's input (the block's structure
+    aside: se_blocker): CPU inference, plain eager, shapes torchvision's
+    forward would accept. The plain-tensor check first: nothing may look at a proxy."""
     fc1, fc2 = se.fc1, se.fc2
-    # The context (tracers) and a plain tensor first: nothing may look at a proxy.
-    if (se_blocker(se) is None and input_blocker(x, fc1.weight) is None
+    return (input_blocker(x, fc1.weight) is None
             and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and x.size(1) == fc1.in_channels == fc2.out_channels
             and fc1.out_channels == fc2.in_channels and x.size(2) * x.size(3) > 0
@@ -305,10 +308,15 @@ def squeeze_excitation_forward(se: nn.Module, x: Tensor) -> Tensor:
             and not needs_grad(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
             and not torch.is_autocast_enabled("cpu")
             and plain_eager(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-            and backend.resolve(x.device) == "cpu"):
-        return torch.ops.convkernels_C.squeeze_excite(
-            x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, _SE_ACTS[type(se.activation)],
-            _SE_GATES[type(se.scale_activation)])
+            and backend.resolve(x.device) == "cpu")
+
+
+def squeeze_excitation_forward(se: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's ``scale_activation(fc2(activation(fc1(avgpool(x))))) * x``,
+    as one squeeze_excite call in CPU inference (module docstring)."""
+    # The context (tracers, in se_blocker) before the input.
+    if se_blocker(se) is None and _se_input_ok(se, x):
+        return _se_step(se)(x)
     return type(se).forward(se, x)
 
 
